@@ -1,0 +1,528 @@
+"""A deterministic fake tensor backend whose state is an exact function of the prefix.
+
+Each layer's value at position i is a salted polynomial hash of tokens ``[0, i]``: it depends
+on the whole prefix, as a real K/V entry does. A restore to the wrong offset, from the wrong
+node, or with a stale recurrent state gives values that differ from a fresh prefill, and the
+oracle compares them exactly. Byte sizes come from a :class:`ModelProfile`, so a replay accounts
+a real model's memory while the fake data stays small.
+
+Snapshots are real copies: a KV snapshot keeps the tokens of its range and the hash value it
+started from (enough to regenerate the values exactly), a rotating snapshot keeps its window,
+a recurrent one its state. Each carries a checksum that ``restore`` verifies, so a corrupt
+snapshot is refused and the cache recomputes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from kvtrie.core.protocols import LayerKind, Snapshot
+from kvtrie.core.trie import as_tokens
+
+from .profiles import LayerSpec, ModelProfile
+
+__all__ = ["FakeBackend", "Faults", "SnapshotLedger", "prefix_hashes"]
+
+_U64 = np.uint64
+_BASE = 0x9E3779B97F4A7C15  # odd, so it has an inverse mod 2**64
+_BASE_INV = pow(_BASE, -1, 1 << 64)
+
+
+class _Powers:
+    """Tables of BASE**k and BASE**-k mod 2**64, grown on demand."""
+
+    def __init__(self) -> None:
+        self.up = np.ones(1, dtype=_U64)
+        self.down = np.ones(1, dtype=_U64)
+
+    def ensure(self, n: int) -> None:
+        if len(self.up) > n:
+            return
+        size = max(n + 1, 2 * len(self.up))
+        self.up = self._table(_BASE, size)
+        self.down = self._table(_BASE_INV, size)
+
+    @staticmethod
+    def _table(base: int, size: int) -> np.ndarray:
+        table = np.empty(size, dtype=_U64)
+        table[0] = 1
+        filled = 1
+        while filled < size:  # doubling: base**(filled + i) = base**i * base**filled
+            count = min(filled, size - filled)
+            table[filled : filled + count] = table[:count] * _U64(pow(base, filled, 1 << 64))
+            filled += count
+        return table
+
+
+_POWERS = _Powers()
+
+
+def _mix(tokens: np.ndarray, salt: int) -> np.ndarray:
+    """A splitmix-style scramble of each token with the layer's salt."""
+    x = tokens.astype(_U64) + _U64(salt)
+    x = (x ^ (x >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return x ^ (x >> _U64(31))
+
+
+def prefix_hashes(start: int, tokens: np.ndarray, salt: int) -> np.ndarray:
+    """Hash values after each token, continuing from ``start``: ``h = h * BASE + mix(token)``.
+
+    Vectorised as ``h_k = BASE**k * (start + sum_{i<=k} mix(t_i) * BASE**-i)`` mod 2**64.
+    """
+    n = len(tokens)
+    if n == 0:
+        return np.empty(0, dtype=_U64)
+    _POWERS.ensure(n)
+    terms = _mix(tokens, salt) * _POWERS.down[1 : n + 1]
+    sums = np.cumsum(terms, dtype=_U64) + _U64(start)
+    return _POWERS.up[1 : n + 1] * sums
+
+
+def _seed(salt: int) -> int:
+    """The hash value of the empty prefix for a layer."""
+    return int(_mix(np.array([salt], dtype=np.int64), 0x5EED)[0])
+
+
+@dataclass
+class Faults:
+    """Fault injection shared by a backend's layers: make restores fail."""
+
+    failing_restores: int = 0
+
+    def take_restore_failure(self) -> bool:
+        if self.failing_restores > 0:
+            self.failing_restores -= 1
+            return True
+        return False
+
+
+@dataclass
+class SnapshotLedger:
+    """Every snapshot a backend made and has not closed: what the trie must account for."""
+
+    open: dict[int, Snapshot] = field(default_factory=dict)
+    closed_twice: int = 0
+
+    def opened(self, snap: Snapshot) -> None:
+        self.open[id(snap)] = snap
+
+    def closed(self, snap: Snapshot) -> None:
+        if self.open.pop(id(snap), None) is None:
+            self.closed_twice += 1
+
+
+class _FakeSnapshot:
+    """Base of the fake snapshots: byte size, close-once bookkeeping."""
+
+    def __init__(self, start: int, end: int, nbytes: int, ledger: SnapshotLedger) -> None:
+        self._start = start
+        self._end = end
+        self._nbytes = nbytes
+        self._ledger = ledger
+        self.is_closed = False
+        ledger.opened(self)
+
+    @property
+    def start(self) -> int:
+        return self._start
+
+    @property
+    def end(self) -> int:
+        return self._end
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def close(self) -> None:
+        self._ledger.closed(self)
+        self.is_closed = True
+
+    def corrupt(self) -> None:
+        """Damage the data (not the checksum), as a bad copy or a bit flip would."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}([{self._start}, {self._end}), {self._nbytes} B)"
+
+
+@dataclass
+class _Segment:
+    """A run of KV positions: the hash value before it, its tokens, and its last value."""
+
+    before: int
+    tokens: np.ndarray
+    checksum: int
+
+
+class KVSnapshot(_FakeSnapshot):
+    def __init__(
+        self, segments: list[_Segment], start: int, spec: LayerSpec, ledger: SnapshotLedger
+    ):
+        length = sum(len(s.tokens) for s in segments)
+        super().__init__(start, start + length, length * spec.bytes_per_token * spec.count, ledger)
+        self.segments = segments
+
+    def corrupt(self) -> None:
+        self.segments[0].tokens[0] ^= 1
+
+
+class WindowSnapshot(_FakeSnapshot):
+    def __init__(self, window: np.ndarray, end: int, spec: LayerSpec, ledger: SnapshotLedger):
+        super().__init__(
+            end - len(window), end, len(window) * spec.bytes_per_token * spec.count, ledger
+        )
+        self.window = window
+        self.checksum = int(np.bitwise_xor.reduce(window)) if len(window) else 0
+
+    def corrupt(self) -> None:
+        self.window[-1] ^= _U64(1)
+
+
+class StateSnapshot(_FakeSnapshot):
+    def __init__(self, state: int, end: int, spec: LayerSpec, ledger: SnapshotLedger):
+        super().__init__(end, end, spec.state_bytes * spec.count, ledger)
+        self.state = state
+        self.checksum = state
+
+    def corrupt(self) -> None:
+        self.state ^= 1
+
+
+class _FakeLayer:
+    """What every fake layer shares: its spec, salt, fault hooks and snapshot ledger."""
+
+    kind: LayerKind
+
+    def __init__(self, spec: LayerSpec, salt: int, faults: Faults, ledger: SnapshotLedger):
+        self.spec = spec
+        self.salt = salt
+        self.seed = _seed(salt)
+        self.faults = faults
+        self.ledger = ledger
+
+    def restore(self, snapshot: Snapshot | None, target: int) -> bool:
+        if not self.can_restore(snapshot, target):
+            return False
+        if snapshot is not None and self.faults.take_restore_failure():
+            return False
+        if snapshot is None:
+            self._rewind(target)
+            return True
+        return self._load(snapshot, target)
+
+    def can_restore(self, snapshot: Snapshot | None, target: int) -> bool:
+        raise NotImplementedError
+
+    def _rewind(self, target: int) -> None:
+        raise NotImplementedError
+
+    def _load(self, snapshot: Snapshot, target: int) -> bool:
+        raise NotImplementedError
+
+
+class FakeKVCache(_FakeLayer):
+    """Attention: one value per position; rewinds by trimming."""
+
+    kind = LayerKind.KV
+
+    def __init__(self, spec: LayerSpec, salt: int, faults: Faults, ledger: SnapshotLedger):
+        super().__init__(spec, salt, faults, ledger)
+        self._values = np.empty(0, dtype=_U64)
+        self._tokens = np.empty(0, dtype=np.int32)
+        self._offset = 0
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    @property
+    def nbytes(self) -> int:
+        return self._offset * self.spec.bytes_per_token * self.spec.count
+
+    def _last(self) -> int:
+        return int(self._values[self._offset - 1]) if self._offset else self.seed
+
+    def _write(self, values: np.ndarray, tokens: np.ndarray) -> None:
+        end = self._offset + len(values)
+        if end > len(self._values):  # grow geometrically: appends stay amortised O(1)
+            capacity = max(end, 2 * len(self._values), 256)
+            self._values = np.resize(self._values, capacity)
+            self._tokens = np.resize(self._tokens, capacity)
+        self._values[self._offset : end] = values
+        self._tokens[self._offset : end] = tokens
+        self._offset = end
+
+    def evaluate(self, tokens: np.ndarray) -> None:
+        self._write(prefix_hashes(self._last(), tokens, self.salt), tokens)
+
+    def state(self) -> np.ndarray:
+        return self._values[: self._offset].copy()
+
+    def snapshot(self, from_offset: int) -> Snapshot | None:
+        if self._offset <= from_offset:
+            return None
+        start = max(0, from_offset)
+        before = int(self._values[start - 1]) if start else self.seed
+        segment = _Segment(
+            before, self._tokens[start : self._offset].copy(), int(self._values[self._offset - 1])
+        )
+        return KVSnapshot([segment], start, self.spec, self.ledger)
+
+    def can_restore(self, snapshot: Snapshot | None, target: int) -> bool:
+        if snapshot is None:
+            return 0 <= target <= self._offset
+        assert isinstance(snapshot, KVSnapshot) and not snapshot.is_closed
+        return 0 <= target <= snapshot.end and self._offset >= snapshot.start
+
+    def _rewind(self, target: int) -> None:
+        self._offset = target
+
+    def _load(self, snapshot: Snapshot, target: int) -> bool:
+        assert isinstance(snapshot, KVSnapshot)
+        regenerated = []
+        for segment in snapshot.segments:
+            values = prefix_hashes(segment.before, segment.tokens, self.salt)
+            if int(values[-1]) != segment.checksum:
+                return False  # corrupt: refuse, the cache recomputes
+            regenerated.append(values)
+        self._offset = snapshot.start
+        for segment, values in zip(snapshot.segments, regenerated):
+            self._write(values, segment.tokens)
+        self._offset = min(self._offset, target)
+        return True
+
+    def split(self, snapshot: Snapshot, at: int) -> tuple[Snapshot | None, Snapshot | None]:
+        assert isinstance(snapshot, KVSnapshot)
+        cut = at - snapshot.start
+        if cut <= 0:
+            return None, snapshot
+        if cut >= snapshot.end - snapshot.start:
+            return snapshot, None
+        head: list[_Segment] = []
+        tail: list[_Segment] = []
+        pos = 0
+        for segment in snapshot.segments:
+            n = len(segment.tokens)
+            if pos + n <= cut:
+                head.append(_Segment(segment.before, segment.tokens.copy(), segment.checksum))
+            elif pos >= cut:
+                tail.append(_Segment(segment.before, segment.tokens.copy(), segment.checksum))
+            else:
+                k = cut - pos
+                values = prefix_hashes(segment.before, segment.tokens[:k], self.salt)
+                middle = int(values[-1])
+                head.append(_Segment(segment.before, segment.tokens[:k].copy(), middle))
+                tail.append(_Segment(middle, segment.tokens[k:].copy(), segment.checksum))
+            pos += n
+        snapshot.close()
+        return (
+            KVSnapshot(head, snapshot.start, self.spec, self.ledger),
+            KVSnapshot(tail, at, self.spec, self.ledger),
+        )
+
+    def merge(self, parent: Snapshot | None, child: Snapshot | None) -> Snapshot | None:
+        if parent is None or child is None:
+            for snap in (parent, child):
+                if snap is not None:
+                    snap.close()
+            return None
+        assert isinstance(parent, KVSnapshot) and isinstance(child, KVSnapshot)
+        assert parent.end == child.start, (
+            f"merge of [{parent.start}, {parent.end}) and [{child.start}, {child.end})"
+        )
+        merged = KVSnapshot(parent.segments + child.segments, parent.start, self.spec, self.ledger)
+        parent.close()
+        child.close()
+        return merged
+
+    def free(self) -> None:
+        self._values = np.empty(0, dtype=_U64)
+        self._tokens = np.empty(0, dtype=np.int32)
+        self._offset = 0
+
+
+class FakeRotatingCache(_FakeLayer):
+    """Sliding-window attention: keeps the values of the last ``window`` positions."""
+
+    kind = LayerKind.ROTATING
+
+    def __init__(self, spec: LayerSpec, salt: int, faults: Faults, ledger: SnapshotLedger):
+        super().__init__(spec, salt, faults, ledger)
+        self.window = spec.window
+        self._kept = np.empty(0, dtype=_U64)
+        self._offset = 0
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._kept) * self.spec.bytes_per_token * self.spec.count
+
+    def evaluate(self, tokens: np.ndarray) -> None:
+        last = int(self._kept[-1]) if self._offset else self.seed
+        values = prefix_hashes(last, tokens, self.salt)
+        self._kept = np.concatenate([self._kept, values[-self.window :]])[-self.window :]
+        self._offset += len(tokens)
+
+    def state(self) -> tuple[int, np.ndarray]:
+        return self._offset, self._kept.copy()
+
+    def snapshot(self, from_offset: int) -> Snapshot | None:
+        if self._offset <= from_offset:
+            return None
+        return WindowSnapshot(self._kept.copy(), self._offset, self.spec, self.ledger)
+
+    def can_restore(self, snapshot: Snapshot | None, target: int) -> bool:
+        # Rewinding is only safe while nothing has rotated out of the window.
+        if snapshot is None:
+            return target == self._offset or (0 <= target < self._offset <= self.window)
+        assert isinstance(snapshot, WindowSnapshot) and not snapshot.is_closed
+        return 0 <= target <= snapshot.end and (
+            target == snapshot.end or snapshot.end <= self.window
+        )
+
+    def _rewind(self, target: int) -> None:
+        self._kept = self._kept[:target]
+        self._offset = target
+
+    def _load(self, snapshot: Snapshot, target: int) -> bool:
+        assert isinstance(snapshot, WindowSnapshot)
+        window = snapshot.window
+        if (int(np.bitwise_xor.reduce(window)) if len(window) else 0) != snapshot.checksum:
+            return False
+        self._kept = window.copy()
+        self._offset = snapshot.end
+        if target < self._offset:
+            self._rewind(target)
+        return True
+
+    def split(self, snapshot: Snapshot, at: int) -> tuple[Snapshot | None, Snapshot | None]:
+        return None, snapshot  # a window can't be cut; the parent gets a fresh snapshot
+
+    def merge(self, parent: Snapshot | None, child: Snapshot | None) -> Snapshot | None:
+        if parent is not None:
+            parent.close()  # the child's window supersedes the parent's
+        return child
+
+    def free(self) -> None:
+        self._kept = np.empty(0, dtype=_U64)
+        self._offset = 0
+
+
+class FakeRecurrentCache(_FakeLayer):
+    """A recurrent layer: one fixed-size state folded over every token; it never rewinds."""
+
+    kind = LayerKind.RECURRENT
+
+    def __init__(self, spec: LayerSpec, salt: int, faults: Faults, ledger: SnapshotLedger):
+        super().__init__(spec, salt, faults, ledger)
+        self._state = self.seed
+        self._offset = 0
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    @property
+    def nbytes(self) -> int:
+        return self.spec.state_bytes * self.spec.count if self._offset else 0
+
+    def evaluate(self, tokens: np.ndarray) -> None:
+        if len(tokens):
+            self._state = int(prefix_hashes(self._state, tokens, self.salt)[-1])
+            self._offset += len(tokens)
+
+    def state(self) -> tuple[int, int]:
+        return self._offset, self._state
+
+    def snapshot(self, from_offset: int) -> Snapshot | None:
+        if self._offset == 0:
+            return None
+        return StateSnapshot(self._state, self._offset, self.spec, self.ledger)
+
+    def can_restore(self, snapshot: Snapshot | None, target: int) -> bool:
+        if snapshot is None:
+            return target == self._offset
+        assert isinstance(snapshot, StateSnapshot) and not snapshot.is_closed
+        return target == snapshot.end
+
+    def _rewind(self, target: int) -> None:
+        assert target == self._offset, "a recurrent layer can't rewind"
+
+    def _load(self, snapshot: Snapshot, target: int) -> bool:
+        assert isinstance(snapshot, StateSnapshot)
+        if snapshot.state != snapshot.checksum:
+            return False
+        self._state = snapshot.state
+        self._offset = snapshot.end
+        return True
+
+    def split(self, snapshot: Snapshot, at: int) -> tuple[Snapshot | None, Snapshot | None]:
+        return None, snapshot  # no state at the split point; it must be snapshotted fresh
+
+    def merge(self, parent: Snapshot | None, child: Snapshot | None) -> Snapshot | None:
+        if parent is not None:
+            parent.close()  # the child's state is at the merged end
+        return child
+
+    def free(self) -> None:
+        self._state = self.seed
+        self._offset = 0
+
+
+_LAYER_CLASSES = {
+    LayerKind.KV: FakeKVCache,
+    LayerKind.ROTATING: FakeRotatingCache,
+    LayerKind.RECURRENT: FakeRecurrentCache,
+}
+
+FakeLayer = FakeKVCache | FakeRotatingCache | FakeRecurrentCache
+
+
+class FakeBackend:
+    """Builds fake layers for a profile, evaluates tokens on them, and checks them (I9)."""
+
+    name = "fake"
+
+    def __init__(self, profile: ModelProfile) -> None:
+        self.profile = profile
+        self.faults = Faults()
+        self.ledger = SnapshotLedger()
+
+    def new_layers(self) -> list[FakeLayer]:
+        return [
+            _LAYER_CLASSES[spec.kind](spec, salt=index + 1, faults=self.faults, ledger=self.ledger)
+            for index, spec in enumerate(self.profile.layers)
+        ]
+
+    def evaluate(self, layers: Sequence[FakeLayer], tokens: np.ndarray) -> None:
+        for layer in layers:
+            layer.evaluate(tokens)
+
+    def mismatch(
+        self, layers: Sequence[FakeLayer], prefix: Sequence[int] | np.ndarray
+    ) -> str | None:
+        """I9: None when every live layer equals a fresh prefill of ``prefix``, else why not."""
+        fresh = self.new_layers()
+        self.evaluate(fresh, as_tokens(prefix))
+        for index, (live, ref) in enumerate(zip(layers, fresh)):
+            if not _same_state(live.state(), ref.state()):
+                return (
+                    f"layer {index} ({live.kind.value}) at offset {live.offset} differs from a "
+                    f"fresh prefill of {len(prefix)} tokens"
+                )
+        return None
+
+
+def _same_state(a: object, b: object) -> bool:
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and np.array_equal(a, b)
+    if isinstance(a, tuple):
+        return isinstance(b, tuple) and len(a) == len(b) and all(map(_same_state, a, b))
+    return a == b

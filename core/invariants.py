@@ -1,0 +1,260 @@
+"""One checker for SPEC.md's structural invariants, used by the tests, the replayer and the fuzzer.
+
+``check(cache)`` walks the whole trie. :class:`Checker` gives the same verdicts after every
+request in time proportional to what changed: the trie's ledger records every node a structural
+operation or a snapshot change touched, and the checker re-verifies those and recomputes its own
+byte tally from their snapshots. I9 and I11 need a backend to recompute state, so they live with
+the oracle in the backends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .prefix_cache import PrefixCache, RequestAccount, Session
+from .protocols import LayerCache, LayerKind
+from .trie import Node, walk
+
+__all__ = ["Checker", "Violation", "check", "check_request"]
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A broken invariant: which one, and the numbers that show it."""
+
+    invariant: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.invariant}: {self.detail}"
+
+
+def _where(node: Node) -> str:
+    return f"node [{node.start}, {node.end})"
+
+
+def _check_node(node: Node, layers: list[LayerCache], out: list[Violation]) -> int:
+    """I1, I2, I5 and I10 for one node and its links to its children; returns its bytes."""
+    for key, child in node.children.items():
+        if len(child.tokens) == 0:
+            out.append(Violation("I1", f"{_where(child)} has an empty edge"))
+            continue
+        if int(child.tokens[0]) != key:
+            out.append(
+                Violation("I1", f"{_where(child)} keyed by {key} starts with {child.tokens[0]}")
+            )
+        if child.parent is not node:
+            out.append(Violation("I2", f"{_where(child)} does not point back to its parent"))
+        if child.start != node.end:
+            out.append(
+                Violation("I2", f"{_where(child)} starts at {child.start}, parent ends {node.end}")
+            )
+    if node.snapshots is None:
+        if node.snapshot_bytes:
+            out.append(Violation("I5", f"{_where(node)} counts {node.snapshot_bytes} B of nothing"))
+        return 0
+    if node.is_root:
+        out.append(Violation("I5", "the root holds snapshots"))
+    if len(node.snapshots) != len(layers):
+        out.append(
+            Violation(
+                "I5", f"{_where(node)} has {len(node.snapshots)} snapshots, {len(layers)} layers"
+            )
+        )
+    held = 0
+    for layer, snap in zip(layers, node.snapshots):
+        if snap is None:
+            continue
+        held += snap.nbytes
+        if snap.end != node.end:
+            invariant = "I10" if layer.kind is LayerKind.RECURRENT else "I2"
+            out.append(
+                Violation(
+                    invariant, f"{layer.kind.value} snapshot of {_where(node)} ends at {snap.end}"
+                )
+            )
+        if layer.kind is LayerKind.KV and snap.start != node.start:
+            out.append(Violation("I2", f"kv snapshot of {_where(node)} starts at {snap.start}"))
+    if held != node.snapshot_bytes:
+        out.append(
+            Violation("I5", f"{_where(node)} counts {node.snapshot_bytes} B, holds {held} B")
+        )
+    return held
+
+
+def _check_root(cache: PrefixCache, out: list[Violation]) -> None:
+    root = cache.root
+    if root.parent is not None or root.end != 0 or len(root.tokens) != 0:
+        out.append(Violation("I2", f"root must be [0, 0) with no parent, is {_where(root)}"))
+
+
+def _check_active_path(cache: PrefixCache, out: list[Violation]) -> None:
+    path = cache.active_path
+    if not path or path[0] is not cache.root:
+        out.append(Violation("I3", "the active path does not start at the root"))
+        return
+    for prev, node in zip(path, path[1:]):
+        if node.parent is not prev or prev.children.get(int(node.tokens[0])) is not node:
+            out.append(
+                Violation("I7", f"active {_where(node)} is not in the trie under {_where(prev)}")
+            )
+
+
+def _check_live(cache: PrefixCache, session: Session | None, out: list[Violation]) -> None:
+    offsets = [layer.offset for layer in cache.layers]
+    if len(set(offsets)) > 1:
+        out.append(Violation("I4", f"live layers at different offsets {offsets}"))
+    live = min(offsets)
+    frontier = cache.active_path[-1]
+    if frontier.end > live:
+        out.append(Violation("I4", f"frontier ends at {frontier.end} past the live offset {live}"))
+    if session is None or session.closed:
+        return
+    account = session.account
+    if live != frontier.end and live != account.cached_tokens:
+        out.append(
+            Violation(
+                "I4",
+                f"live offset {live} is neither the frontier's end {frontier.end} "
+                f"nor the cached prefix {account.cached_tokens}",
+            )
+        )
+    if account.cached_tokens > account.matched_tokens:
+        out.append(
+            Violation(
+                "I4",
+                f"cached {account.cached_tokens} tokens, matched only {account.matched_tokens}",
+            )
+        )
+    path_tokens = np.concatenate([n.tokens for n in cache.active_path])
+    if not np.array_equal(path_tokens, session.prompt[: len(path_tokens)]):
+        out.append(Violation("I4", "the active path's tokens are not the prompt's prefix"))
+
+
+def _check_budget(cache: PrefixCache, holders: list[Node], out: list[Violation]) -> None:
+    budget = cache.budget_bytes
+    if budget is None or cache.ledger.total <= budget:
+        return
+    active = {id(n) for n in cache.active_path}
+    outside = [n for n in holders if id(n) not in active]
+    if outside:
+        out.append(
+            Violation(
+                "I6",
+                f"paged-out {cache.ledger.total} B over the budget {budget} B with "
+                f"{len(outside)} evictable nodes left",
+            )
+        )
+
+
+def _check_accounting(cache: PrefixCache, out: list[Violation]) -> None:
+    stats = cache.stats
+    if stats.cached_tokens + stats.computed_tokens != stats.prompt_tokens:
+        out.append(
+            Violation(
+                "I12",
+                f"cached {stats.cached_tokens} + computed {stats.computed_tokens} "
+                f"!= prompt {stats.prompt_tokens}",
+            )
+        )
+
+
+def _check_tally(cache: PrefixCache, tally: int, out: list[Violation]) -> None:
+    if tally != cache.ledger.total:
+        out.append(
+            Violation("I5", f"paged-out counter {cache.ledger.total} B, snapshots sum to {tally} B")
+        )
+
+
+def check_request(account: RequestAccount) -> list[Violation]:
+    """I8 and I12 for one request."""
+    out = []
+    if account.computed_tokens < 1:
+        out.append(
+            Violation(
+                "I8",
+                f"no prompt token evaluated (prompt {account.prompt_tokens}, "
+                f"cached {account.cached_tokens})",
+            )
+        )
+    if not 0 <= account.cached_tokens <= account.prompt_tokens:
+        out.append(
+            Violation("I12", f"cached {account.cached_tokens} outside [0, {account.prompt_tokens}]")
+        )
+    return out
+
+
+def _check_shared(cache: PrefixCache, session: Session | None, out: list[Violation]) -> None:
+    _check_root(cache, out)
+    _check_active_path(cache, out)
+    _check_live(cache, session, out)
+    _check_accounting(cache, out)
+    if session is not None:
+        out.extend(check_request(session.account))
+
+
+def check(cache: PrefixCache, session: Session | None = None) -> list[Violation]:
+    """Every structural invariant (I1-I8, I10, I12) over the whole trie; empty when sound."""
+    out: list[Violation] = []
+    owners: dict[int, Node] = {}
+    tally = 0
+    holders = []
+    for node in walk(cache.root):
+        tally += _check_node(node, cache.layers, out)
+        for snap in node.snapshots or []:
+            if snap is not None:
+                if id(snap) in owners:
+                    out.append(Violation("I5", f"one snapshot held by {_where(node)} and another"))
+                owners[id(snap)] = node
+        if node.has_snapshots():
+            holders.append(node)
+    _check_tally(cache, tally, out)
+    _check_budget(cache, holders, out)
+    _check_shared(cache, session, out)
+    return out
+
+
+class Checker:
+    """The invariants of :func:`check` after every request, in time proportional to the nodes
+    touched since the last call (a snapshot held twice is found by the full :func:`check`)."""
+
+    def __init__(self, cache: PrefixCache) -> None:
+        self.cache = cache
+        cache.ledger.tracking = True
+        cache.ledger.take_touched()
+        self._bytes: dict[Node, int] = {}
+        self._tally = 0
+        for node in walk(cache.root):
+            self._record(node, [])
+
+    def _attached(self, node: Node) -> bool:
+        parent = node.parent
+        if parent is None:
+            return node is self.cache.root
+        return len(node.tokens) > 0 and parent.children.get(int(node.tokens[0])) is node
+
+    def _record(self, node: Node, out: list[Violation]) -> None:
+        held = _check_node(node, self.cache.layers, out)
+        self._tally += held - self._bytes.get(node, 0)
+        if node.snapshots is not None:
+            self._bytes[node] = held
+        else:
+            self._bytes.pop(node, None)
+
+    def check(self, session: Session | None = None) -> list[Violation]:
+        out: list[Violation] = []
+        for node in self.cache.ledger.take_touched():
+            if self._attached(node):
+                self._record(node, out)
+            else:
+                self._tally -= self._bytes.pop(node, 0)
+        _check_tally(self.cache, self._tally, out)
+        if (
+            self.cache.budget_bytes is not None
+            and self.cache.ledger.total > self.cache.budget_bytes
+        ):
+            _check_budget(self.cache, [n for n in self._bytes if n.has_snapshots()], out)
+        _check_shared(self.cache, session, out)
+        return out

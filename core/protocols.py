@@ -1,0 +1,102 @@
+"""The layer-cache contract the core runs on; the fake and the MLX backend both implement it.
+
+Offsets are token positions: a layer cache at offset n holds the state after n tokens.
+Ranges are half-open, ``[start, end)``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Protocol, runtime_checkable
+
+__all__ = ["LayerKind", "LayerCache", "Snapshot"]
+
+
+class LayerKind(str, enum.Enum):
+    """How a layer's state relates to its prefix, which decides what it can rewind."""
+
+    KV = "kv"  # attention: one entry per position, rewinds by trimming
+    ROTATING = "rotating"  # sliding-window attention: keeps the last W positions only
+    RECURRENT = "recurrent"  # SSM / linear attention / conv: fixed-size state, never rewinds
+
+
+@runtime_checkable
+class Snapshot(Protocol):
+    """Layer state paged out of the live cache, owned by exactly one trie node.
+
+    A KV snapshot holds the data of ``[start, end)`` only, so a path of snapshots stitches a
+    whole prefix with no duplication; a recurrent snapshot holds the full state at ``end``; a
+    rotating one holds the window needed to resume at ``end``.
+    """
+
+    @property
+    def start(self) -> int:
+        """First position whose data the snapshot holds (for a full-state snapshot: its end)."""
+        ...
+
+    @property
+    def end(self) -> int:
+        """Offset the snapshot restores the layer to."""
+        ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this snapshot keeps paged out; the budget counts these."""
+        ...
+
+    def close(self) -> None:
+        """Release the data. Using a closed snapshot is a bug."""
+        ...
+
+
+@runtime_checkable
+class LayerCache(Protocol):
+    """One model layer's live cache."""
+
+    kind: LayerKind
+
+    @property
+    def offset(self) -> int:
+        """Tokens the live state covers."""
+        ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of live state."""
+        ...
+
+    def snapshot(self, from_offset: int) -> Snapshot | None:
+        """Copy the data of ``[from_offset, offset)`` out of the live cache (None when empty).
+
+        The live cache is unchanged, and later writes to it never change the snapshot.
+        """
+        ...
+
+    def can_restore(self, snapshot: Snapshot | None, target: int) -> bool:
+        """Whether :meth:`restore` with these arguments would succeed; changes nothing."""
+        ...
+
+    def restore(self, snapshot: Snapshot | None, target: int) -> bool:
+        """Bring the live cache to ``target``: rewind it (``snapshot`` None) or load ``snapshot``.
+
+        Returns False, leaving the layer unchanged, when it can't: a recurrent layer asked to
+        rewind, a rotating layer asked to rewind past what it keeps, a KV snapshot that does
+        not start at or below the live offset, a target past the snapshot, a corrupt snapshot.
+        """
+        ...
+
+    def split(self, snapshot: Snapshot, at: int) -> tuple[Snapshot | None, Snapshot | None]:
+        """Cut ``[a, c)`` at ``at`` into ``[a, at)`` and ``[at, c)``; takes ownership of the input.
+
+        Layers whose state can't be cut (recurrent, rotating) return ``(None, snapshot)``: the
+        parent half must be filled by a fresh snapshot at the split point.
+        """
+        ...
+
+    def merge(self, parent: Snapshot | None, child: Snapshot | None) -> Snapshot | None:
+        """Join ``[a, b)`` and ``[b, c)`` into ``[a, c)``; takes ownership of both inputs."""
+        ...
+
+    def free(self) -> None:
+        """Drop the live state; the offset becomes 0."""
+        ...

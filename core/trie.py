@@ -1,0 +1,253 @@
+"""The compressed prefix trie: nodes and pure structural operations, no policy and no logging.
+
+Every node's edge covers ``[start, end)`` with ``child.start == parent.end``; the root is
+``[0, 0)``. Children are keyed by the first token of their edge, so siblings never share it.
+Paged-out bytes change in exactly one place, :meth:`Node.set_snapshots`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .protocols import LayerCache, Snapshot
+
+__all__ = [
+    "ByteLedger",
+    "Node",
+    "append_tokens",
+    "as_tokens",
+    "common_prefix_length",
+    "match",
+    "merge_with_child",
+    "remove_leaf",
+    "split_node",
+    "walk",
+]
+
+TOKEN_DTYPE = np.int32
+
+
+def as_tokens(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Tokens as a 1-D integer array (no copy when already one)."""
+    array = np.asarray(tokens, dtype=TOKEN_DTYPE)
+    if array.ndim != 1:
+        raise ValueError(f"tokens must be one-dimensional, got shape {array.shape}")
+    return array
+
+
+def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two token arrays, compared in one vector op."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    differs = np.flatnonzero(a[:n] != b[:n])
+    return int(differs[0]) if len(differs) else n
+
+
+@dataclass(eq=False)
+class ByteLedger:
+    """The paged-out byte counter, its high-water mark, and the nodes changed since last read.
+
+    The touched set lets the invariant checker re-verify only what changed after each request;
+    it is kept only while ``tracking`` is on, so an unchecked run holds no extra references.
+    """
+
+    total: int = 0
+    peak: int = 0
+    tracking: bool = False
+    touched: set[Node] = field(default_factory=set)
+
+    def add(self, delta: int) -> None:
+        self.total += delta
+        self.peak = max(self.peak, self.total)
+
+    def touch(self, *nodes: Node | None) -> None:
+        if self.tracking:
+            self.touched.update(n for n in nodes if n is not None)
+
+    def take_touched(self) -> set[Node]:
+        touched, self.touched = self.touched, set()
+        return touched
+
+
+@dataclass(eq=False)
+class Node:
+    """A trie node: an edge of tokens ending at ``end`` and optional per-layer snapshots."""
+
+    tokens: np.ndarray
+    end: int
+    parent: Node | None = None
+    children: dict[int, Node] = field(default_factory=dict)
+    last_used: int = 0
+    user: bool = False
+    snapshots: list[Snapshot | None] | None = None
+    snapshot_bytes: int = 0
+
+    @property
+    def start(self) -> int:
+        return self.end - len(self.tokens)
+
+    @property
+    def is_root(self) -> bool:
+        return self.parent is None
+
+    def has_snapshots(self) -> bool:
+        return self.snapshots is not None and any(s is not None for s in self.snapshots)
+
+    def has_all_snapshots(self) -> bool:
+        return bool(self.snapshots) and all(s is not None for s in self.snapshots)
+
+    def set_snapshots(self, snapshots: list[Snapshot | None] | None, ledger: ByteLedger) -> None:
+        """Replace this node's snapshots, closing the old ones."""
+        for old in self.take_snapshots(ledger) or []:
+            if old is not None:
+                old.close()
+        self.give_snapshots(snapshots, ledger)
+
+    def take_snapshots(self, ledger: ByteLedger) -> list[Snapshot | None] | None:
+        """Detach the snapshots without closing them, for a split or merge that consumes them."""
+        old = self.snapshots
+        ledger.touch(self)
+        ledger.add(-self.snapshot_bytes)
+        self.snapshots = None
+        self.snapshot_bytes = 0
+        return old
+
+    def give_snapshots(self, snapshots: list[Snapshot | None] | None, ledger: ByteLedger) -> None:
+        """Attach snapshots to a node that has none."""
+        assert self.snapshots is None, "give_snapshots on a node that still holds snapshots"
+        if snapshots is not None and all(s is None for s in snapshots):
+            snapshots = None
+        self.snapshots = snapshots
+        self.snapshot_bytes = sum(s.nbytes for s in snapshots or [] if s is not None)
+        ledger.touch(self)
+        ledger.add(self.snapshot_bytes)
+
+    def path(self) -> list[Node]:
+        """Root-first path to this node."""
+        nodes: list[Node] = []
+        node: Node | None = self
+        while node is not None:
+            nodes.append(node)
+            node = node.parent
+        return nodes[::-1]
+
+    def __repr__(self) -> str:
+        return f"Node([{self.start}, {self.end}), children={len(self.children)})"
+
+
+def walk(root: Node) -> Iterator[Node]:
+    """Every node, depth first, parents before children."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(reversed(list(node.children.values())))
+
+
+def match(root: Node, tokens: np.ndarray) -> tuple[list[Node], int]:
+    """Walk ``tokens`` down from ``root``: the nodes entered and how many tokens matched.
+
+    The last node may be matched only partly (the match ends inside its edge).
+    """
+    path = [root]
+    pos = 0
+    node = root
+    while pos < len(tokens):
+        child = node.children.get(int(tokens[pos]))
+        if child is None:
+            break
+        matched = common_prefix_length(child.tokens, tokens[pos:])
+        pos += matched
+        path.append(child)
+        if matched < len(child.tokens):
+            break
+        node = child
+    return path, pos
+
+
+def append_tokens(node: Node, tokens: np.ndarray, ledger: ByteLedger) -> Node:
+    """Hang ``tokens`` under ``node``: extend a bare leaf in place, else add a child."""
+    ledger.touch(node)
+    if node.is_root or node.children or node.has_snapshots():
+        child = Node(
+            tokens=tokens.copy(), end=node.end + len(tokens), parent=node, last_used=node.last_used
+        )
+        node.children[int(tokens[0])] = child
+        ledger.touch(child)
+        return child
+    node.tokens = np.concatenate([node.tokens, tokens])
+    node.end += len(tokens)
+    return node
+
+
+def split_node(node: Node, at: int, caches: Sequence[LayerCache], ledger: ByteLedger) -> Node:
+    """Cut ``node``'s edge after ``at`` tokens; returns the new parent holding the first part.
+
+    Snapshots are split by each layer; a layer that can't split leaves the parent half empty.
+    """
+    if not 0 < at < len(node.tokens):
+        raise ValueError(f"split at {at} outside the edge of {len(node.tokens)} tokens")
+    assert node.parent is not None
+    parent = Node(
+        tokens=node.tokens[:at].copy(),
+        end=node.start + at,
+        parent=node.parent,
+        last_used=node.last_used,
+    )
+    old = node.take_snapshots(ledger)
+    node.tokens = node.tokens[at:].copy()
+    if old is not None:
+        halves = [
+            layer.split(snap, parent.end) if snap is not None else (None, None)
+            for layer, snap in zip(caches, old)
+        ]
+        parent.give_snapshots([h[0] for h in halves], ledger)
+        node.give_snapshots([h[1] for h in halves], ledger)
+    node.parent.children[int(parent.tokens[0])] = parent
+    parent.children[int(node.tokens[0])] = node
+    node.parent = parent
+    ledger.touch(parent, node, parent.parent)
+    return parent
+
+
+def merge_with_child(node: Node, caches: Sequence[LayerCache], ledger: ByteLedger) -> Node:
+    """Fold ``node``'s only child into it; returns the absorbed child (now detached)."""
+    if len(node.children) != 1:
+        raise ValueError(f"merge needs exactly one child, node has {len(node.children)}")
+    (child,) = node.children.values()
+    mine = node.take_snapshots(ledger)
+    theirs = child.take_snapshots(ledger)
+    if mine is not None or theirs is not None:
+        n = len(caches)
+        mine = mine or [None] * n
+        theirs = theirs or [None] * n
+        node.give_snapshots(
+            [layer.merge(a, b) for layer, a, b in zip(caches, mine, theirs)], ledger
+        )
+    node.tokens = np.concatenate([node.tokens, child.tokens])
+    node.end = child.end
+    node.children = child.children
+    for grandchild in node.children.values():
+        grandchild.parent = node
+    ledger.touch(node, child, *node.children.values())
+    node.user = child.user
+    node.last_used = max(node.last_used, child.last_used)
+    child.parent = None
+    child.children = {}
+    return child
+
+
+def remove_leaf(node: Node, ledger: ByteLedger) -> None:
+    """Detach a leaf from its parent and close its snapshots."""
+    if node.parent is None:
+        raise ValueError("the root can't be removed")
+    if node.children:
+        raise ValueError(f"{node!r} is not a leaf")
+    del node.parent.children[int(node.tokens[0])]
+    ledger.touch(node, node.parent)
+    node.parent = None
+    node.set_snapshots(None, ledger)
