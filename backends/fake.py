@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from kvtrie.core.hashing import mix64
 from kvtrie.core.protocols import LayerKind, Snapshot
 from kvtrie.core.trie import as_tokens
 
@@ -59,14 +60,6 @@ class _Powers:
 _POWERS = _Powers()
 
 
-def _mix(tokens: np.ndarray, salt: int) -> np.ndarray:
-    """A splitmix-style scramble of each token with the layer's salt."""
-    x = tokens.astype(_U64) + _U64(salt)
-    x = (x ^ (x >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> _U64(27))) * _U64(0x94D049BB133111EB)
-    return x ^ (x >> _U64(31))
-
-
 def prefix_hashes(start: int, tokens: np.ndarray, salt: int) -> np.ndarray:
     """Hash values after each token, continuing from ``start``: ``h = h * BASE + mix(token)``.
 
@@ -76,14 +69,14 @@ def prefix_hashes(start: int, tokens: np.ndarray, salt: int) -> np.ndarray:
     if n == 0:
         return np.empty(0, dtype=_U64)
     _POWERS.ensure(n)
-    terms = _mix(tokens, salt) * _POWERS.down[1 : n + 1]
+    terms = mix64(tokens, salt) * _POWERS.down[1 : n + 1]
     sums = np.cumsum(terms, dtype=_U64) + _U64(start)
     return _POWERS.up[1 : n + 1] * sums
 
 
 def _seed(salt: int) -> int:
     """The hash value of the empty prefix for a layer."""
-    return int(_mix(np.array([salt], dtype=np.int64), 0x5EED)[0])
+    return int(mix64(np.array([salt], dtype=np.int64), 0x5EED)[0])
 
 
 @dataclass
@@ -262,6 +255,9 @@ class FakeKVCache(_FakeLayer):
     def state(self) -> np.ndarray:
         return self._values[: self._offset].copy()
 
+    def digest(self) -> int:
+        return self._last()
+
     def snapshot(self, from_offset: int) -> Snapshot | None:
         if self._offset <= from_offset:
             return None
@@ -365,13 +361,15 @@ class FakeRotatingCache(_FakeLayer):
         return len(self._kept) * self.spec.bytes_per_token * self.spec.count
 
     def evaluate(self, tokens: np.ndarray) -> None:
-        last = int(self._kept[-1]) if self._offset else self.seed
-        values = prefix_hashes(last, tokens, self.salt)
+        values = prefix_hashes(self.digest(), tokens, self.salt)
         self._kept = np.concatenate([self._kept, values[-self.window :]])[-self.window :]
         self._offset += len(tokens)
 
     def state(self) -> tuple[int, np.ndarray]:
         return self._offset, self._kept.copy()
+
+    def digest(self) -> int:
+        return int(self._kept[-1]) if self._offset else self.seed
 
     def snapshot(self, from_offset: int) -> Snapshot | None:
         if self._offset <= from_offset:
@@ -441,6 +439,9 @@ class FakeRecurrentCache(_FakeLayer):
     def state(self) -> tuple[int, int]:
         return self._offset, self._state
 
+    def digest(self) -> int:
+        return self._state
+
     def snapshot(self, from_offset: int) -> Snapshot | None:
         if self._offset == 0:
             return None
@@ -492,6 +493,7 @@ class FakeBackend:
 
     def __init__(self, profile: ModelProfile) -> None:
         self.profile = profile
+        self.vocab_size = profile.vocab_size
         self.faults = Faults()
         self.ledger = SnapshotLedger()
 
@@ -501,9 +503,22 @@ class FakeBackend:
             for index, spec in enumerate(self.profile.layers)
         ]
 
-    def evaluate(self, layers: Sequence[FakeLayer], tokens: np.ndarray) -> None:
+    def evaluate(self, layers: Sequence[FakeLayer], tokens: np.ndarray) -> int:
+        """Advance every layer; the "logits" are a digest of the state every layer reached."""
+        digest = 0
         for layer in layers:
             layer.evaluate(tokens)
+            digest = hash((digest, layer.offset, layer.digest()))
+        return digest
+
+    def generate(self, layers: Sequence[FakeLayer], logits: int, count: int) -> np.ndarray:
+        """Tokens drawn from the state digest (a function of the prefix, as greedy decoding is),
+        all but the last evaluated in one batch."""
+        draws = mix64(np.arange(max(count, 0), dtype=np.int64), logits & ((1 << 63) - 1))
+        tokens = (draws % _U64(self.vocab_size)).astype(np.int32)
+        if count > 1:
+            self.evaluate(layers, tokens[:-1])
+        return tokens
 
     def mismatch(
         self, layers: Sequence[FakeLayer], prefix: Sequence[int] | np.ndarray

@@ -36,20 +36,16 @@ def _where(node: Node) -> str:
 
 
 def _check_node(node: Node, layers: list[LayerCache], out: list[Violation]) -> int:
-    """I1, I2, I5 and I10 for one node and its links to its children; returns its bytes."""
-    for key, child in node.children.items():
-        if len(child.tokens) == 0:
-            out.append(Violation("I1", f"{_where(child)} has an empty edge"))
-            continue
-        if int(child.tokens[0]) != key:
+    """I1, I2, I5 and I10 for one node and its link to its parent; returns its bytes."""
+    parent = node.parent
+    if parent is not None:
+        if len(node.tokens) == 0:
+            out.append(Violation("I1", f"{_where(node)} has an empty edge"))
+        elif parent.children.get(int(node.tokens[0])) is not node:
+            out.append(Violation("I1", f"{_where(node)} is not its parent's child for its token"))
+        if node.start != parent.end:
             out.append(
-                Violation("I1", f"{_where(child)} keyed by {key} starts with {child.tokens[0]}")
-            )
-        if child.parent is not node:
-            out.append(Violation("I2", f"{_where(child)} does not point back to its parent"))
-        if child.start != node.end:
-            out.append(
-                Violation("I2", f"{_where(child)} starts at {child.start}, parent ends {node.end}")
+                Violation("I2", f"{_where(node)} starts at {node.start}, parent ends {parent.end}")
             )
     if node.snapshots is None:
         if node.snapshot_bytes:
@@ -203,6 +199,9 @@ def check(cache: PrefixCache, session: Session | None = None) -> list[Violation]
     holders = []
     for node in walk(cache.root):
         tally += _check_node(node, cache.layers, out)
+        for child in node.children.values():
+            if child.parent is not node:
+                out.append(Violation("I2", f"{_where(child)} does not point back to its parent"))
         for snap in node.snapshots or []:
             if snap is not None:
                 if id(snap) in owners:

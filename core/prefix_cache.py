@@ -125,6 +125,13 @@ class PrefixCache:
         self.active_path: list[Node] = [self.root]
         self._session: Session | None = None
 
+    def set_budget(self, budget_bytes: int | None) -> None:
+        """Change the budget (None: unbounded) and evict down to it at once."""
+        if budget_bytes is not None and budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0 or None (unbounded), got {budget_bytes}")
+        self.budget_bytes = budget_bytes
+        self._enforce_budget()
+
     @property
     def paged_out_bytes(self) -> int:
         return self.ledger.total
@@ -356,7 +363,7 @@ class Session:
         self.prompt = prompt
         self.account = account
         self.snapshot_offset = snapshot_at
-        self.outputs: list[int] = []
+        self.outputs = as_tokens([])
         self.closed = False
 
     @property
@@ -423,7 +430,7 @@ class Session:
         """Record the generated tokens, grow the trie to the live offset, mark the path used."""
         if self.closed:
             return
-        self.outputs = [int(t) for t in outputs]
+        self.outputs = as_tokens(outputs)
         self.closed = True
         cache = self.cache
         cache._session = None
@@ -443,9 +450,9 @@ class Session:
             node.last_used = now
 
     def _tokens(self) -> np.ndarray:
-        if not self.outputs:
+        if not len(self.outputs):
             return self.prompt
-        return np.concatenate([self.prompt, as_tokens(self.outputs)])
+        return np.concatenate([self.prompt, self.outputs])
 
     def _check_open(self) -> None:
         if self.closed:

@@ -1,0 +1,35 @@
+"""What the replayer, the fuzzer and the tests need from a backend beyond the layer caches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+from kvtrie.core.protocols import LayerCache
+
+__all__ = ["Backend"]
+
+
+class Backend(Protocol):
+    """A model: builds layer caches, evaluates tokens on them, and checks them against a fresh
+    prefill (the I9 oracle)."""
+
+    name: str
+    vocab_size: int
+
+    def new_layers(self) -> list[LayerCache]:
+        """Empty live caches, one per layer (group)."""
+        ...
+
+    def evaluate(self, layers: Sequence[LayerCache], tokens: np.ndarray) -> Any:
+        """Advance every layer by ``tokens``; returns the last position's logits (or None)."""
+        ...
+
+    def generate(self, layers: Sequence[LayerCache], logits: Any, count: int) -> np.ndarray:
+        """Produce ``count`` tokens from ``logits``, evaluating all but the last, as decoding does."""
+        ...
+
+    def mismatch(self, layers: Sequence[LayerCache], prefix: np.ndarray) -> str | None:
+        """None when the live layers equal a fresh prefill of ``prefix``; else what differs."""
+        ...

@@ -1,0 +1,211 @@
+"""The ``kvtrie`` command line: one entry point, one subcommand a job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from kvtrie import __version__
+from kvtrie.backends.base import Backend
+from kvtrie.core.prefix_cache import POLICIES, CachePolicy, PrefixCache
+
+__all__ = ["main", "parse_size", "make_backend", "make_cache"]
+
+EXIT_OK, EXIT_VIOLATION, EXIT_BAD_INPUT = 0, 1, 2
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(text: str) -> int | None:
+    """``8GiB``, ``512MiB``, ``1.5GB``, ``4096`` (bytes) or ``inf`` (None: unbounded)."""
+    if text.strip().lower() in ("inf", "infinite", "none", "unbounded"):
+        return None
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not found or found.group(2).lower() not in _UNITS:
+        raise ValueError(
+            f"bad size {text!r}: use a number with B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB), "
+            "e.g. 8GiB, or inf"
+        )
+    return int(float(found.group(1)) * _UNITS[found.group(2).lower()])
+
+
+def make_backend(name: str, model: str) -> Backend:
+    """The named backend with ``model`` (a fake profile, or an MLX model name or path)."""
+    if name == "fake":
+        from kvtrie.backends.fake import FakeBackend
+        from kvtrie.backends.profiles import get_profile
+
+        return FakeBackend(get_profile(model))
+    if name == "mlx":
+        from kvtrie.backends.mlx import MLXBackend
+
+        return MLXBackend.from_name(model)
+    raise ValueError(f"unknown backend {name!r}; choose fake or mlx")
+
+
+def make_policy(name: str, snapshot_interval: int | None) -> CachePolicy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    policy = POLICIES[name]
+    if snapshot_interval is not None:
+        if snapshot_interval < 0:
+            raise ValueError(f"--snapshot-interval must be >= 0, got {snapshot_interval}")
+        policy = replace(policy, snapshot_interval=snapshot_interval)
+    return policy
+
+
+def make_cache(backend: Backend, budget: int | None, policy: CachePolicy) -> PrefixCache:
+    return PrefixCache(backend.new_layers(), budget_bytes=budget, policy=policy)
+
+
+def _default_model(backend: str) -> str:
+    return "tiny-attention" if backend == "mlx" else "llama-8b"
+
+
+def _add_cache_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        choices=["fake", "mlx"],
+        default="fake",
+        help="fake: deterministic tensors sized by a model profile (default); "
+        "mlx: real mlx-lm models",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="fake: a profile name or a profiles TOML file (default llama-8b); "
+        "mlx: tiny-attention, tiny-swa, tiny-hybrid or a local model directory",
+    )
+    parser.add_argument(
+        "--budget",
+        default="8GiB",
+        help="most paged-out snapshot bytes, e.g. 8GiB, 512MiB, inf (default 8GiB)",
+    )
+    parser.add_argument(
+        "--policy",
+        default="kvtrie-seed",
+        choices=sorted(POLICIES),
+        help="kvtrie-seed: the seed's exact semantics (default); kvtrie-improved: "
+        "reuse partial edges where every layer can rewind, keep restore points",
+    )
+    parser.add_argument(
+        "--snapshot-interval",
+        type=int,
+        default=None,
+        metavar="K",
+        help="also snapshot every K tokens of a long prefill (0: off)",
+    )
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from .replay import replay
+    from .report import build_report, markdown_summary, report_json, text_summary
+    from .runner import CheckMode
+    from .traces import TraceError, load_trace, write_atomic
+
+    model = args.model or _default_model(args.backend)
+    try:
+        budget = parse_size(args.budget)
+        policy = make_policy(args.policy, args.snapshot_interval)
+        mode = CheckMode.parse(args.check)
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        backend = make_backend(args.backend, model)
+        trace = load_trace(args.trace, vocab_size=backend.vocab_size)
+    except (ValueError, TraceError, OSError) as exc:
+        print(f"kvtrie replay: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    cache = make_cache(backend, budget, policy)
+    outcome = replay(
+        trace,
+        backend,
+        cache,
+        mode,
+        args.limit,
+        args.keep_going,
+        progress=False if args.quiet else None,
+    )
+    report = build_report(trace, outcome, cache, args.backend, model, args.check)
+    if not args.quiet:
+        print(text_summary(report))
+    if outcome.violations:
+        print(f"\ntrie at the violation:\n{outcome.trie_dump}", file=sys.stderr)
+    if args.report:
+        write_atomic(args.report, report_json(report))
+    if args.markdown:
+        write_atomic(args.markdown, markdown_summary(report))
+    return EXIT_VIOLATION if outcome.violations else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvtrie",
+        description="A prefix-trie KV cache shared across LLM conversations: replay traces "
+        "through it, fuzz it, sweep budgets and gate regressions.",
+    )
+    parser.add_argument("--version", action="version", version=f"kvtrie {__version__}")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log cache events (-v: hits and misses, -vv: every page in/out)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    replay = sub.add_parser(
+        "replay",
+        help="replay a trace through the cache and report what was cached",
+        description="Replay a recorded multi-conversation trace (kvtrie JSONL or Mooncake) "
+        "through the cache, serially in arrival order, checking every invariant after every "
+        "request. Exit 0 when clean, 1 on a violation, 2 on bad input.",
+    )
+    replay.add_argument("trace", type=Path, help="a kvtrie JSONL or Mooncake JSONL trace")
+    _add_cache_options(replay)
+    replay.add_argument(
+        "--check",
+        default="every",
+        help="every (default: incremental checks and the oracle after every "
+        "request), full (walk the whole trie each time), sample:N, off",
+    )
+    replay.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="replay only the first N requests"
+    )
+    replay.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="record violations and go on instead of stopping at the first",
+    )
+    replay.add_argument("--report", type=Path, help="write the JSON report here")
+    replay.add_argument("--markdown", type=Path, help="write a Markdown summary here")
+    replay.add_argument("-q", "--quiet", action="store_true", help="no summary, no progress bar")
+    replay.set_defaults(func=_cmd_replay)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

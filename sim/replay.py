@@ -1,0 +1,113 @@
+"""Replays a trace through the cache, serially in arrival order, checking after every request."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from kvtrie.backends.base import Backend
+from kvtrie.core.prefix_cache import PrefixCache
+from kvtrie.core.render import render_trie
+from tqdm import tqdm
+
+from .ideal import IdealPrefixes
+from .runner import CheckMode, RequestRunner
+from .traces import Request, Trace, expand_blocks
+
+__all__ = ["ReplayOutcome", "RequestViolation", "replay", "resolve_prompt"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RequestViolation:
+    request: str
+    line: int
+    invariant: str
+    detail: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "request": self.request,
+            "line": self.line,
+            "invariant": self.invariant,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class ReplayOutcome:
+    """What a replay measured; the cache's own counters live on ``cache.stats``."""
+
+    requests: int = 0
+    output_tokens: int = 0
+    ideal_cached_tokens: int = 0
+    over_budget_requests: int = 0
+    wall_seconds: float = 0.0
+    violations: list[RequestViolation] = field(default_factory=list)
+    trie_dump: str = ""
+    stopped_early: bool = False
+
+
+def resolve_prompt(request: Request, history: dict[str, np.ndarray], vocab_size: int) -> np.ndarray:
+    """The request's prompt tokens: Mooncake blocks, or an earlier request's prefix plus its own."""
+    if request.hash_ids:
+        return expand_blocks(request.hash_ids, request.input_length, vocab_size)
+    own = request.tokens if request.tokens is not None else np.empty(0, dtype=np.int32)
+    if request.prefix_of is None:
+        return own
+    return np.concatenate([history[request.prefix_of][: request.prefix_length], own])
+
+
+def replay(
+    trace: Trace,
+    backend: Backend,
+    cache: PrefixCache,
+    mode: CheckMode,
+    limit: int | None = None,
+    keep_going: bool = False,
+    progress: bool | None = None,
+) -> ReplayOutcome:
+    """Serve every request of ``trace`` (the first ``limit``) and check as ``mode`` says.
+
+    A violation stops the replay with a dump of the trie, unless ``keep_going``.
+    """
+    requests = trace.requests[:limit] if limit is not None else trace.requests
+    runner = RequestRunner(backend, cache, mode)
+    ideal = IdealPrefixes()
+    history: dict[str, np.ndarray] = {}
+    outcome = ReplayOutcome()
+    started = time.perf_counter()
+    # progress None: a bar only on a terminal (tqdm's own test)
+    bar = tqdm(
+        requests, desc="replay", unit="req", disable=None if progress is None else not progress
+    )
+    for request in bar:
+        prompt = resolve_prompt(request, history, backend.vocab_size)
+        outcome.ideal_cached_tokens += ideal.cached(prompt)
+        result = runner.run(prompt, request.outputs, request.user_snapshots)
+        outcome.requests += 1
+        outcome.output_tokens += len(result.outputs)
+        ideal.insert(np.concatenate([prompt, result.outputs[:-1]]))
+        if request.id in trace.referenced:
+            history[request.id] = np.concatenate([prompt, result.outputs])
+        budget = cache.budget_bytes
+        if budget is not None and cache.paged_out_bytes > budget:
+            outcome.over_budget_requests += 1
+        if outcome.requests % 64 == 0 and not bar.disable:
+            stats = cache.stats
+            bar.set_postfix(hit=f"{stats.cached_tokens / max(stats.prompt_tokens, 1):.3f}")
+        for v in result.violations:
+            outcome.violations.append(
+                RequestViolation(request.id, request.line, v.invariant, v.detail)
+            )
+        if result.violations and not keep_going:
+            outcome.trie_dump = render_trie(cache)
+            outcome.stopped_early = outcome.requests < len(requests)
+            log.error("violation at request %s: %s", request.id, result.violations[0])
+            break
+    bar.close()
+    outcome.wall_seconds = time.perf_counter() - started
+    return outcome

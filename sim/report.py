@@ -1,0 +1,129 @@
+"""The replay report: a JSON contract other tools read, a terminal summary, a Markdown table."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kvtrie import __version__
+from kvtrie.core.prefix_cache import PrefixCache
+from kvtrie.core.render import format_bytes
+
+from .replay import ReplayOutcome
+from .traces import Trace
+
+__all__ = ["build_report", "markdown_summary", "text_summary", "report_json"]
+
+
+def _ratio(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
+def build_report(
+    trace: Trace,
+    outcome: ReplayOutcome,
+    cache: PrefixCache,
+    backend: str,
+    model: str,
+    check: str,
+) -> dict[str, Any]:
+    """The report's fields; names are a contract (see README), add but never rename."""
+    stats = cache.stats
+    evaluated = stats.computed_tokens + outcome.output_tokens
+    return {
+        "kvtrie_version": __version__,
+        "trace": {"path": trace.path, "sha256": trace.sha256, "format": trace.format},
+        "backend": backend,
+        "model": model,
+        "policy": cache.policy.name,
+        "check": check,
+        "requests": outcome.requests,
+        "prompt_tokens": stats.prompt_tokens,
+        "cached_tokens": stats.cached_tokens,
+        "computed_tokens": stats.computed_tokens,
+        "output_tokens": outcome.output_tokens,
+        "hit_ratio": _ratio(stats.cached_tokens, stats.prompt_tokens),
+        "ideal_cached_tokens": outcome.ideal_cached_tokens,
+        "ideal_hit_ratio": _ratio(outcome.ideal_cached_tokens, stats.prompt_tokens),
+        "violations": [v.as_dict() for v in outcome.violations],
+        "stopped_early": outcome.stopped_early,
+        "budget_bytes": cache.budget_bytes,
+        "peak_paged_out_bytes": cache.ledger.peak,
+        "final_paged_out_bytes": cache.paged_out_bytes,
+        "over_budget_active_only_requests": outcome.over_budget_requests,
+        "evictions": stats.evictions,
+        "page_ins": stats.page_ins,
+        "page_outs": stats.page_outs,
+        "splits": stats.splits,
+        "merges": stats.merges,
+        "restore_failures": stats.restore_failures,
+        "wall_seconds": outcome.wall_seconds,
+        "tokens_per_second": _ratio(
+            stats.prompt_tokens + outcome.output_tokens, outcome.wall_seconds
+        ),
+        "evaluated_tokens_per_second": _ratio(evaluated, outcome.wall_seconds),
+    }
+
+
+def report_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2) + "\n"
+
+
+def text_summary(report: dict[str, Any]) -> str:
+    budget = report["budget_bytes"]
+    lines = [
+        f"trace     {report['trace']['path']} ({report['trace']['format']}, "
+        f"{report['requests']} requests)",
+        f"cache     backend={report['backend']} model={report['model']} "
+        f"policy={report['policy']} budget={'inf' if budget is None else format_bytes(budget)}",
+        f"tokens    prompt={report['prompt_tokens']:,} cached={report['cached_tokens']:,} "
+        f"computed={report['computed_tokens']:,}",
+        f"hit ratio {report['hit_ratio']:.4f} (ideal {report['ideal_hit_ratio']:.4f})",
+        f"memory    peak paged out {format_bytes(report['peak_paged_out_bytes'])}; "
+        f"evictions={report['evictions']} page_ins={report['page_ins']} "
+        f"page_outs={report['page_outs']} splits={report['splits']} merges={report['merges']}",
+        f"time      {report['wall_seconds']:.2f} s, {report['tokens_per_second']:,.0f} tokens/s",
+    ]
+    if report["over_budget_active_only_requests"]:
+        lines.append(
+            f"note      {report['over_budget_active_only_requests']} requests ended over budget "
+            "with only active-path snapshots left (allowed: those can't be evicted)"
+        )
+    violations = report["violations"]
+    lines.append(
+        f"checks    {report['check']}: "
+        + (
+            "clean"
+            if not violations
+            else f"{len(violations)} violation(s), first: "
+            f"request {violations[0]['request']} (line {violations[0]['line']}) "
+            f"{violations[0]['invariant']}: {violations[0]['detail']}"
+        )
+    )
+    return "\n".join(lines)
+
+
+def markdown_summary(report: dict[str, Any]) -> str:
+    budget = report["budget_bytes"]
+    rows = [
+        ("trace", f"`{report['trace']['path']}` ({report['requests']} requests)"),
+        (
+            "backend / model / policy",
+            f"{report['backend']} / {report['model']} / {report['policy']}",
+        ),
+        ("budget", "inf" if budget is None else format_bytes(budget)),
+        ("hit ratio", f"{report['hit_ratio']:.4f} (ideal {report['ideal_hit_ratio']:.4f})"),
+        (
+            "prompt / cached / computed tokens",
+            f"{report['prompt_tokens']:,} / {report['cached_tokens']:,} / {report['computed_tokens']:,}",
+        ),
+        ("peak paged-out", format_bytes(report["peak_paged_out_bytes"])),
+        (
+            "evictions / splits / merges",
+            f"{report['evictions']} / {report['splits']} / {report['merges']}",
+        ),
+        ("violations", str(len(report["violations"]))),
+        ("wall", f"{report['wall_seconds']:.2f} s"),
+    ]
+    body = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"### kvtrie replay\n\n| metric | value |\n|---|---|\n{body}\n"

@@ -1,0 +1,316 @@
+"""Trace formats: kvtrie JSONL and the Mooncake trace, read with errors that name file and line.
+
+A kvtrie trace (see ``traces/README.md``) is a header line, then one request a line. A prompt
+may start with the first ``prefix_length`` tokens of an earlier request's prompt and outputs
+(``prefix_of``), so a conversation's turns and branches stay small on disk. Mooncake lines
+(``timestamp``, ``input_length``, ``output_length``, ``hash_ids``) are detected automatically;
+each hash id expands to 512 deterministic tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kvtrie.core.hashing import mix64
+from kvtrie.core.trie import as_tokens
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MOONCAKE_BLOCK",
+    "expand_blocks",
+    "Request",
+    "Trace",
+    "TraceError",
+    "load_trace",
+    "write_atomic",
+    "write_trace",
+]
+
+FORMAT_NAME = "kvtrie-trace"
+FORMAT_VERSION = 1
+MOONCAKE_BLOCK = 512
+
+
+class TraceError(ValueError):
+    """Bad trace input, located by file and line."""
+
+    def __init__(self, path: Path | str, line: int | None, message: str) -> None:
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {message}")
+        self.path = str(path)
+        self.line = line
+
+
+@dataclass
+class Request:
+    """One request: its prompt (own tokens, or a prefix of an earlier request plus tokens, or
+    Mooncake hash blocks) and its outputs (tokens, or a count to generate)."""
+
+    id: str
+    conversation: str
+    arrival_ms: float
+    line: int
+    tokens: np.ndarray | None = None
+    prefix_of: str | None = None
+    prefix_length: int = 0
+    hash_ids: tuple[int, ...] = ()
+    input_length: int = 0
+    outputs: list[int] | int = 0
+    user_snapshots: tuple[int, ...] = ()
+
+    @property
+    def prompt_length(self) -> int:
+        if self.hash_ids:
+            return self.input_length
+        own = len(self.tokens) if self.tokens is not None else 0
+        return self.prefix_length + own
+
+    @property
+    def output_length(self) -> int:
+        return self.outputs if isinstance(self.outputs, int) else len(self.outputs)
+
+
+@dataclass
+class Trace:
+    path: str
+    sha256: str
+    format: str
+    header: dict[str, Any]
+    requests: list[Request]
+    referenced: set[str] = field(default_factory=set)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(r.prompt_length for r in self.requests)
+
+
+def _fail(path: Path, line: int | None, message: str) -> TraceError:
+    return TraceError(path, line, message)
+
+
+def _int(value: Any, name: str, path: Path, line: int, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(path, line, f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise _fail(path, line, f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _token_list(value: Any, name: str, path: Path, line: int, vocab: int | None) -> np.ndarray:
+    if not isinstance(value, list):
+        raise _fail(path, line, f"{name} must be a list of token ids, got {type(value).__name__}")
+    for i, token in enumerate(value):
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise _fail(path, line, f"{name}[{i}] is not a token id: {token!r}")
+        if token < 0 or (vocab is not None and token >= vocab):
+            limit = f"[0, {vocab})" if vocab is not None else ">= 0"
+            raise _fail(path, line, f"{name}[{i}] = {token} is outside the vocabulary {limit}")
+    return as_tokens(value)
+
+
+def _read_lines(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    with open(path, encoding="utf-8") as handle:
+        for number, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise _fail(path, number, f"not JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise _fail(path, number, f"expected a JSON object, got {type(obj).__name__}")
+            yield number, obj
+
+
+def _parse_kvtrie(path: Path, lines: list[tuple[int, dict]], vocab: int | None) -> Trace:
+    line, header = lines[0]
+    if header.get("version") != FORMAT_VERSION:
+        raise _fail(
+            path,
+            line,
+            f"unsupported version {header.get('version')!r}; "
+            f"this kvtrie reads version {FORMAT_VERSION}",
+        )
+    if "vocab_size" in header:
+        declared = _int(header["vocab_size"], "vocab_size", path, line, minimum=1)
+        vocab = declared if vocab is None else min(vocab, declared)
+    requests: list[Request] = []
+    lengths: dict[str, int] = {}
+    referenced: set[str] = set()
+    last_arrival = float("-inf")
+    for number, obj in lines[1:]:
+        for key in ("id", "prompt"):
+            if key not in obj:
+                raise _fail(path, number, f"missing field {key!r}")
+        rid = str(obj["id"])
+        if rid in lengths:
+            raise _fail(path, number, f"duplicate request id {rid!r}")
+        arrival = obj.get("arrival_ms", last_arrival if requests else 0)
+        if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or arrival < 0:
+            raise _fail(path, number, f"arrival_ms must be a number >= 0, got {arrival!r}")
+        if arrival < last_arrival:
+            raise _fail(
+                path,
+                number,
+                f"arrival_ms {arrival} is before the previous request's "
+                f"{last_arrival}: requests must be in arrival order",
+            )
+        last_arrival = arrival
+        tokens = _token_list(obj["prompt"], "prompt", path, number, vocab)
+        prefix_of = obj.get("prefix_of")
+        prefix_length = 0
+        if prefix_of is not None:
+            prefix_of = str(prefix_of)
+            if prefix_of not in lengths:
+                raise _fail(path, number, f"prefix_of {prefix_of!r} names no earlier request")
+            prefix_length = _int(obj.get("prefix_length"), "prefix_length", path, number)
+            if prefix_length > lengths[prefix_of]:
+                raise _fail(
+                    path,
+                    number,
+                    f"prefix_length {prefix_length} is longer than request "
+                    f"{prefix_of!r} ({lengths[prefix_of]} tokens with its outputs)",
+                )
+            referenced.add(prefix_of)
+        if "output" in obj and "output_length" in obj:
+            raise _fail(path, number, "give output or output_length, not both")
+        if "output" in obj:
+            outputs: list[int] | int = [
+                int(t) for t in _token_list(obj["output"], "output", path, number, vocab)
+            ]
+        else:
+            outputs = _int(obj.get("output_length", 0), "output_length", path, number)
+        request = Request(
+            id=rid,
+            conversation=str(obj.get("conversation", rid)),
+            arrival_ms=float(arrival),
+            line=number,
+            tokens=tokens,
+            prefix_of=prefix_of,
+            prefix_length=prefix_length,
+            outputs=outputs,
+        )
+        if request.prompt_length < 1:
+            raise _fail(path, number, "the prompt is empty: a request needs at least one token")
+        marks = obj.get("user_snapshots", [])
+        if not isinstance(marks, list):
+            raise _fail(path, number, f"user_snapshots must be a list of offsets, got {marks!r}")
+        for mark in marks:
+            _int(mark, "user_snapshots entry", path, number, minimum=1)
+            if mark > request.prompt_length:
+                raise _fail(
+                    path,
+                    number,
+                    f"user snapshot at {mark} is past the prompt ({request.prompt_length} tokens)",
+                )
+        request.user_snapshots = tuple(sorted(set(marks)))
+        lengths[rid] = request.prompt_length + request.output_length
+        requests.append(request)
+    return Trace(str(path), "", "kvtrie", header, requests, referenced)
+
+
+def _parse_mooncake(path: Path, lines: list[tuple[int, dict]]) -> Trace:
+    requests = []
+    last = float("-inf")
+    for index, (number, obj) in enumerate(lines):
+        for key in ("timestamp", "input_length", "output_length", "hash_ids"):
+            if key not in obj:
+                raise _fail(path, number, f"missing field {key!r}")
+        stamp = obj["timestamp"]
+        if isinstance(stamp, bool) or not isinstance(stamp, (int, float)) or stamp < 0:
+            raise _fail(path, number, f"timestamp must be a number >= 0, got {stamp!r}")
+        if stamp < last:
+            raise _fail(path, number, f"timestamp {stamp} is before the previous line's {last}")
+        last = stamp
+        length = _int(obj["input_length"], "input_length", path, number, minimum=1)
+        output = _int(obj["output_length"], "output_length", path, number)
+        ids = obj["hash_ids"]
+        if not isinstance(ids, list) or not ids:
+            raise _fail(path, number, f"hash_ids must be a non-empty list, got {ids!r}")
+        for i, hid in enumerate(ids):
+            if isinstance(hid, bool) or not isinstance(hid, int) or hid < 0:
+                raise _fail(path, number, f"hash_ids[{i}] must be an integer >= 0, got {hid!r}")
+        blocks = -(-length // MOONCAKE_BLOCK)
+        if len(ids) != blocks:
+            raise _fail(
+                path,
+                number,
+                f"{len(ids)} hash ids for input_length {length}: expected "
+                f"{blocks} blocks of {MOONCAKE_BLOCK} tokens",
+            )
+        requests.append(
+            Request(
+                id=str(index),
+                conversation="",
+                arrival_ms=float(stamp),
+                line=number,
+                hash_ids=tuple(ids),
+                input_length=length,
+                outputs=output,
+            )
+        )
+    return Trace(str(path), "", "mooncake", {}, requests)
+
+
+def load_trace(path: Path | str, vocab_size: int | None = None) -> Trace:
+    """Read and validate a trace; the format is detected from its first line."""
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(path, None, "no such trace file")
+    lines = list(_read_lines(path))
+    if not lines:
+        raise _fail(path, None, "the trace is empty")
+    first_line, first = lines[0]
+    if first.get("format") == FORMAT_NAME:
+        trace = _parse_kvtrie(path, lines, vocab_size)
+    elif "hash_ids" in first:
+        trace = _parse_mooncake(path, lines)
+    else:
+        raise _fail(
+            path,
+            first_line,
+            f"unknown trace format: expected a header with "
+            f'"format": "{FORMAT_NAME}" or Mooncake lines with hash_ids',
+        )
+    trace.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    return trace
+
+
+def write_atomic(path: Path | str, text: str) -> None:
+    """Write ``text`` to ``path`` so readers see the old file or the whole new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_trace(
+    path: Path | str, header: dict[str, Any], requests: Iterable[dict[str, Any]]
+) -> None:
+    """Write a kvtrie JSONL trace atomically."""
+    head = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **header}
+    lines = [json.dumps(head)] + [json.dumps(r, separators=(",", ":")) for r in requests]
+    write_atomic(path, "\n".join(lines) + "\n")
+
+
+def expand_blocks(hash_ids: tuple[int, ...], length: int, vocab_size: int) -> np.ndarray:
+    """Mooncake blocks as tokens: block id h gives 512 tokens drawn from (h, position), so equal
+    ids give equal tokens and different ids differ; the last block is cut to ``length``."""
+    ids = np.asarray(hash_ids, dtype=np.int64)
+    positions = (ids[:, None] * MOONCAKE_BLOCK + np.arange(MOONCAKE_BLOCK)).reshape(-1)[:length]
+    return ((mix64(positions, 0xB10C) >> np.uint64(16)) % np.uint64(vocab_size)).astype(np.int32)

@@ -1,0 +1,212 @@
+"""The seed design's scenarios on the fake backend: offsets, trie shape, bytes and the oracle.
+
+Every ``rig.run`` also asserts all structural invariants, the I9 oracle (the restored state
+equals a fresh prefill) and that no snapshot leaked.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+S = list(range(1, 21))  # a 20-token system prompt, longer than the rotating window (8)
+
+# tiny-mixed: KV 2 x 64 B/token, rotating 64 B/token (window 8), recurrent 1024 B
+KV_BYTES, WINDOW_BYTES, STATE_BYTES = 128, 8 * 64, 1024
+
+
+def test_shared_system_prompt_is_split_snapshotted_and_reused(rig):
+    r = rig("mixed")
+    assert r.run(S + [100, 101, 102, 103, 104], [500, 501, 502]).cached_tokens == 0
+    assert r.node_ranges() == [(0, 27)]
+
+    second = r.run(S + [200, 201, 202, 203], [600, 601])
+    assert (second.cached_tokens, second.matched_tokens) == (0, 20)  # seed: back to the parent
+    assert r.node_ranges() == [(0, 20), (20, 25), (20, 27)]
+    assert r.cache.stats.splits == 1
+    system = r.node_at(0, 20)
+    assert system.has_all_snapshots()
+    assert system.snapshot_bytes == 20 * KV_BYTES + WINDOW_BYTES + STATE_BYTES
+    assert (
+        r.cache.paged_out_bytes == system.snapshot_bytes + 7 * KV_BYTES + WINDOW_BYTES + STATE_BYTES
+    )
+
+    third = r.run(S + [300, 301], [700])
+    assert (third.cached_tokens, third.computed_tokens) == (20, 2)
+
+
+def test_divergence_inside_an_edge_splits_at_the_branch_point(rig):
+    r = rig("mixed")
+    r.run(list(range(1, 31)))
+    account = r.run(list(range(1, 13)) + [99, 98, 97])
+    assert account.cached_tokens == 0
+    assert r.node_ranges() == [(0, 12), (12, 15), (12, 30)]
+    assert r.node_at(0, 12).has_all_snapshots()
+    # the old edge's KV half moved below the split; its window and state could not be split
+    tail = r.node_at(12, 30)
+    assert tail.snapshots[0].start == 12 and tail.snapshots[0].end == 30
+    assert r.run(list(range(1, 13)) + [55]).cached_tokens == 12
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"), [("kvtrie-seed", [0, 0, 9]), ("kvtrie-improved", [0, 9, 9])]
+)
+def test_full_prompt_match_evaluates_exactly_one_token(rig, policy, expected):
+    r = rig("kv", policy=policy)
+    prompt = list(range(1, 11))
+    cached = [r.run(prompt).cached_tokens for _ in range(3)]
+    assert cached == expected
+    assert all(r.run(prompt).computed_tokens == 1 for _ in range(2))
+
+
+def test_switching_between_three_conversations(rig):
+    r = rig("mixed")
+    conversations = {name: S + [1000 + i] for i, name in enumerate("abc")}
+    history = {}
+    for turn in range(4):
+        for i, name in enumerate("abc"):
+            prompt = conversations[name]
+            account = r.run(prompt, [800 + 10 * turn + i, 900])
+            if turn > 0:
+                # everything up to the previous turn's evaluated tokens is restored
+                assert account.cached_tokens == history[name], (turn, name)
+            history[name] = len(prompt) + 1
+            conversations[name] = prompt + [800 + 10 * turn + i, 900, 2000 + turn]
+    assert r.cache.stats.restore_failures == 0
+
+
+def test_eviction_takes_the_oldest_first(rig):
+    r = rig("kv", budget=100)  # 16 B per token
+    r.run([1, 2, 3, 4])
+    r.run([5, 6, 7, 8, 9, 10])
+    r.run([11, 12])  # pages out [5..10] (96 B): 160 B > 100, the older [1..4] goes
+    assert sorted(r.cache.root.children) == [5, 11]
+    r.run([13, 14])  # pages out [11, 12]: 128 B > 100, [5..10] is now the oldest
+    assert sorted(r.cache.root.children) == [11, 13]
+    assert r.cache.stats.evictions == 2
+
+
+def test_eviction_ties_go_deepest_then_largest(rig):
+    r = rig("kv")
+    r.cache.clock = lambda: 0  # every node equally old
+    r.run([1, 2, 3, 4, 5, 6, 7, 8])
+    r.run([1, 2, 3, 4, 9, 9, 9, 9])
+    r.run(list(range(20, 28)))
+    r.run([30])
+    assert r.cache.paged_out_bytes == 4 * 16 + 4 * 16 + 4 * 16 + 8 * 16
+    r.cache.set_budget(250)  # one eviction: among the deepest (end 8), the largest
+    assert 20 not in r.cache.root.children
+    assert r.cache.paged_out_bytes == 192
+    r.cache.set_budget(130)  # a 4-token leaf goes and its parent merges with the other
+    assert r.node_ranges() == [(0, 1), (0, 8)]
+    assert r.cache.stats.merges == 1
+    merged = r.node_at(0, 8)
+    assert merged.snapshot_bytes == 128 and merged.snapshots[0].start == 0
+    assert r.run([1, 2, 3, 4, 5, 6, 7, 7]).cached_tokens == 0  # partial edge: seed backs up
+
+
+@pytest.mark.parametrize("user", [False, True])
+def test_leaf_eviction_merges_parent_unless_it_is_a_user_restore_point(rig, user):
+    r = rig("kv")
+    r.run([1, 2, 3, 4, 5, 6, 7, 8], user_marks=[4] if user else [])
+    r.run([1, 2, 3, 4, 9, 9])  # without the mark: a partial match, split at 4
+    r.run([40])
+    assert r.node_ranges() == [(0, 1), (0, 4), (4, 6), (4, 8)]
+    assert r.node_at(0, 4).user is user
+    r.cache.set_budget(r.cache.paged_out_bytes - 1)  # evicts the oldest leaf, [4, 8)
+    assert r.cache.stats.evictions == 1
+    if user:
+        assert r.node_ranges() == [(0, 1), (0, 4), (4, 6)]
+    else:
+        assert r.node_ranges() == [(0, 1), (0, 6)]
+        assert r.cache.stats.merges == 1
+    assert r.run([1, 2, 3, 4, 9, 9, 1]).cached_tokens == 6
+
+
+def test_branch_point_keeps_its_place_and_drops_snapshots(rig):
+    r = rig("kv")
+    r.run([1, 2, 3, 4, 5, 6])
+    r.run([1, 2, 3, 4, 7, 7])
+    r.run([1, 2, 3, 4, 8, 8])
+    r.run([50])
+    branch = r.node_at(0, 4)
+    assert branch.has_all_snapshots() and len(branch.children) == 3
+    branch.last_used = -1  # make it the oldest
+    r.cache.set_budget(r.cache.paged_out_bytes - 1)
+    assert r.node_at(0, 4) is branch and len(branch.children) == 3
+    assert not branch.has_snapshots()
+    assert r.cache.stats.evictions == 1
+
+
+def test_user_restore_point_is_marked_and_restorable(rig):
+    r = rig("mixed")
+    r.run(S + [1, 2, 3], user_marks=[20])
+    node = r.node_at(0, 20)
+    assert node.user and node.has_all_snapshots()
+    assert r.run(S + [7]).cached_tokens == 20
+
+
+def test_recurrent_layers_restore_from_snapshots_and_never_rewind(rig):
+    r = rig("recurrent", policy="kvtrie-improved")
+    r.run(S + [1, 2])
+    # no rewind is possible, so even the improved policy can't reuse the partial edge
+    assert r.run(S + [3, 4]).cached_tokens == 0
+    layer = r.layers[0]
+    before = layer.state()
+    assert not layer.restore(None, layer.offset - 1)
+    assert layer.state() == before
+    account = r.run(S + [5, 6])
+    assert account.cached_tokens == 20  # from the snapshot taken at the branch point
+    assert r.cache.stats.restore_failures == 0
+
+
+def test_rotating_window_is_restored_exactly_past_its_edge(rig):
+    r = rig("mixed")
+    r.run(S + [1])
+    r.run(S + [2])
+    rotating = r.layers[1]
+    assert rotating.window == 8 and rotating.offset > rotating.window
+    # S (20 tokens) is longer than the window: restore must bring back its last 8 positions
+    assert r.run(S + [3]).cached_tokens == 20
+
+
+def test_failed_restore_recomputes_and_state_stays_exact(rig):
+    r = rig("mixed")
+    r.run(S + [1])
+    r.run(S + [2])
+    r.backend.faults.failing_restores = 1
+    account = r.run(S + [3])
+    assert account.cached_tokens == 0 and r.cache.stats.restore_failures == 1
+    assert r.run(S + [4]).cached_tokens == 20  # the branch point was snapshotted afresh
+
+
+def test_corrupt_snapshot_is_refused_and_recomputed(rig):
+    r = rig("mixed")
+    r.run(S + [1])
+    r.run(S + [2])
+    for snap in r.node_at(0, 20).snapshots:
+        snap.corrupt()
+    r.run([500])  # move away so every layer must be restored from the corrupt node
+    assert r.run(S + [3]).cached_tokens == 0
+    assert r.cache.stats.restore_failures == 1
+    assert r.run(S + [4]).cached_tokens == 20
+
+
+def test_budget_zero_keeps_only_the_active_path(rig):
+    r = rig("mixed", budget=0)
+    for tail in range(4):
+        account = r.run(S + [tail])
+        assert account.cached_tokens == 0
+    active = {id(n) for n in r.cache.active_path}
+    assert all(id(n) in active for n in r.cache.nodes() if n.has_snapshots())
+
+
+def test_empty_prompt_is_rejected(rig):
+    r = rig("kv")
+    with pytest.raises(ValueError, match="at least one token"):
+        r.cache.begin([])
+
+
+def test_negative_budget_is_rejected(rig):
+    r = rig("kv")
+    with pytest.raises(ValueError, match="budget_bytes"):
+        r.cache.set_budget(-1)
