@@ -113,6 +113,16 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def trace_path(text: str) -> Path:
+    """A trace file path, or the name of a bundled trace (``mooncake``, ``agent``, ...)."""
+    from kvtrie.traces import bundled_path
+
+    path = Path(text)
+    if path.exists():
+        return path
+    return bundled_path(text) or path
+
+
 def _cmd_replay(args: argparse.Namespace) -> int:
     from .replay import replay
     from .report import build_report, markdown_summary, report_json, text_summary
@@ -127,7 +137,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         backend = make_backend(args.backend, model)
-        trace = load_trace(args.trace, vocab_size=backend.vocab_size)
+        trace = load_trace(trace_path(args.trace), vocab_size=backend.vocab_size)
     except (ValueError, TraceError, OSError) as exc:
         print(f"kvtrie replay: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -153,6 +163,48 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_VIOLATION if outcome.violations else EXIT_OK
 
 
+def _cmd_gen(args: argparse.Namespace) -> int:
+    from .generators import generate
+    from .ideal import ideal_reuse
+    from .traces import load_trace, write_trace
+
+    sizes: dict[str, int] = {}
+    try:
+        for item in args.set:
+            name, sep, value = item.partition("=")
+            if not sep or not value.strip().lstrip("-").isdigit():
+                raise ValueError(f"--set takes NAME=INTEGER, got {item!r}")
+            sizes[name.strip().replace("-", "_")] = int(value)
+        header, lines = generate(args.kind, args.seed, args.vocab_size, **sizes)
+    except ValueError as exc:
+        print(f"kvtrie gen: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    write_trace(args.out, header, lines)
+    cached, prompt = ideal_reuse(load_trace(args.out), args.vocab_size)
+    print(
+        f"wrote {args.out}: {len(lines)} requests, {prompt:,} prompt tokens, "
+        f"ideal reuse {cached / prompt:.1%} ({cached:,} tokens)"
+    )
+    return EXIT_OK
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_replay
+    from .report import report_json
+    from .traces import write_atomic
+
+    results = bench_replay(quick=args.quick)
+    print(
+        f"replay bench: {results['requests']} requests, {results['prompt_tokens']:,} prompt "
+        f"tokens in {results['wall_seconds']:.2f} s ({results['tokens_per_second']:,.0f} "
+        f"tokens/s), peak RSS {results['peak_rss_bytes'] / 2**20:,.0f} MiB, hit ratio "
+        f"{results['hit_ratio']:.4f}; targets {'met' if results['targets_met'] else 'MISSED'}"
+    )
+    if args.report:
+        write_atomic(args.report, report_json(results))
+    return EXIT_OK if results["clean"] else EXIT_VIOLATION
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvtrie",
@@ -176,7 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
         "through the cache, serially in arrival order, checking every invariant after every "
         "request. Exit 0 when clean, 1 on a violation, 2 on bad input.",
     )
-    replay.add_argument("trace", type=Path, help="a kvtrie JSONL or Mooncake JSONL trace")
+    replay.add_argument(
+        "trace",
+        help="a kvtrie JSONL or Mooncake JSONL file, or a bundled "
+        "trace: mooncake, system-prompt, agent, rag, branching, shared-prefix",
+    )
     _add_cache_options(replay)
     replay.add_argument(
         "--check",
@@ -196,6 +252,39 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--markdown", type=Path, help="write a Markdown summary here")
     replay.add_argument("-q", "--quiet", action="store_true", help="no summary, no progress bar")
     replay.set_defaults(func=_cmd_replay)
+
+    from .generators import GENERATORS
+
+    gen = sub.add_parser(
+        "gen",
+        help="write a generated workload trace",
+        description="Write a deterministic kvtrie trace of a common prefix-sharing workload and "
+        "print its ideal (infinite-cache) reuse. Sizes are the generator's keyword arguments.",
+    )
+    gen.add_argument("kind", choices=sorted(GENERATORS))
+    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    gen.add_argument("--out", type=Path, required=True, help="the trace file to write")
+    gen.add_argument("--vocab-size", type=int, default=32000, help="token ids are below this")
+    gen.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="a size, e.g. --set users=32 --set turns=8 (see each generator's "
+        "defaults in kvtrie/sim/generators.py)",
+    )
+    gen.set_defaults(func=_cmd_gen)
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure speed and memory, written as JSON",
+        description="replay: the whole Mooncake conversation trace on the fake backend at an "
+        "infinite budget with every check on; reports wall time, peak RSS and tokens/s.",
+    )
+    bench.add_argument("suite", choices=["replay"], help="what to measure")
+    bench.add_argument("--quick", action="store_true", help="a short run (first 1000 requests)")
+    bench.add_argument("--report", type=Path, help="write the JSON results here")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 from kvtrie.core.trie import ByteLedger, Node, append_tokens, as_tokens, match, split_node
 
-__all__ = ["IdealPrefixes"]
+from .traces import Trace, resolve_prompt
+
+__all__ = ["IdealPrefixes", "ideal_reuse"]
 
 
 class IdealPrefixes:
@@ -29,3 +31,23 @@ class IdealPrefixes:
         if matched < last.end:  # diverges inside an edge
             last = split_node(last, matched - last.start, [], self._ledger)
         append_tokens(last, tokens[matched:], self._ledger)
+
+
+def ideal_reuse(trace: Trace, vocab_size: int) -> tuple[int, int]:
+    """(cached, prompt) tokens of an infinite cache over a trace whose outputs are explicit."""
+    ideal = IdealPrefixes()
+    history: dict[str, np.ndarray] = {}
+    cached = prompt_tokens = 0
+    for request in trace.requests:
+        if isinstance(request.outputs, int):
+            raise ValueError(
+                f"request {request.id} gives only an output length; the bound "
+                "depends on the backend's outputs, replay the trace instead"
+            )
+        prompt = resolve_prompt(request, history, vocab_size)
+        outputs = as_tokens(request.outputs)
+        cached += ideal.cached(prompt)
+        prompt_tokens += len(prompt)
+        ideal.insert(np.concatenate([prompt, outputs[:-1]]))
+        history[request.id] = np.concatenate([prompt, outputs])
+    return cached, prompt_tokens

@@ -14,9 +14,9 @@ from tqdm import tqdm
 
 from .ideal import IdealPrefixes
 from .runner import CheckMode, RequestRunner
-from .traces import Request, Trace, expand_blocks
+from .traces import Trace, resolve_prompt
 
-__all__ = ["ReplayOutcome", "RequestViolation", "replay", "resolve_prompt"]
+__all__ = ["ReplayOutcome", "RequestViolation", "replay"]
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +49,6 @@ class ReplayOutcome:
     violations: list[RequestViolation] = field(default_factory=list)
     trie_dump: str = ""
     stopped_early: bool = False
-
-
-def resolve_prompt(request: Request, history: dict[str, np.ndarray], vocab_size: int) -> np.ndarray:
-    """The request's prompt tokens: Mooncake blocks, or an earlier request's prefix plus its own."""
-    if request.hash_ids:
-        return expand_blocks(request.hash_ids, request.input_length, vocab_size)
-    own = request.tokens if request.tokens is not None else np.empty(0, dtype=np.int32)
-    if request.prefix_of is None:
-        return own
-    return np.concatenate([history[request.prefix_of][: request.prefix_length], own])
 
 
 def replay(

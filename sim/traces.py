@@ -31,6 +31,7 @@ __all__ = [
     "Trace",
     "TraceError",
     "load_trace",
+    "resolve_prompt",
     "write_atomic",
     "write_trace",
 ]
@@ -293,6 +294,9 @@ def write_atomic(path: Path | str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -314,3 +318,14 @@ def expand_blocks(hash_ids: tuple[int, ...], length: int, vocab_size: int) -> np
     ids = np.asarray(hash_ids, dtype=np.int64)
     positions = (ids[:, None] * MOONCAKE_BLOCK + np.arange(MOONCAKE_BLOCK)).reshape(-1)[:length]
     return ((mix64(positions, 0xB10C) >> np.uint64(16)) % np.uint64(vocab_size)).astype(np.int32)
+
+
+def resolve_prompt(request: Request, history: dict[str, np.ndarray], vocab_size: int) -> np.ndarray:
+    """The request's prompt tokens: Mooncake blocks, or an earlier request's prefix (looked up
+    in ``history``: prompt and outputs by id) followed by its own tokens."""
+    if request.hash_ids:
+        return expand_blocks(request.hash_ids, request.input_length, vocab_size)
+    own = request.tokens if request.tokens is not None else np.empty(0, dtype=np.int32)
+    if request.prefix_of is None:
+        return own
+    return np.concatenate([history[request.prefix_of][: request.prefix_length], own])
