@@ -15,7 +15,7 @@ from .traces import Trace
 __all__ = ["build_report", "markdown_summary", "text_summary", "report_json"]
 
 
-def _ratio(part: int, whole: int) -> float:
+def _ratio(part: float, whole: float) -> float:
     return part / whole if whole else 0.0
 
 
