@@ -31,5 +31,9 @@ class Backend(Protocol):
         ...
 
     def mismatch(self, layers: Sequence[LayerCache], prefix: np.ndarray) -> str | None:
-        """None when the live layers equal a fresh prefill of ``prefix``; else what differs."""
+        """I9 after begin: None when the live layers equal a fresh prefill of ``prefix``."""
+        ...
+
+    def logits_mismatch(self, prompt: np.ndarray, logits: Any) -> str | None:
+        """I9 after prefill: None when ``logits`` equal a fresh full prefill's of ``prompt``."""
         ...

@@ -534,6 +534,13 @@ class FakeBackend:
                 )
         return None
 
+    def logits_mismatch(self, prompt: np.ndarray, logits: int) -> str | None:
+        """I9 after prefill: the digest of the live state equals a fresh prefill's, exactly."""
+        fresh = self.evaluate(self.new_layers(), prompt)
+        if fresh != logits:
+            return f"state digest after {len(prompt)} prompt tokens differs from a fresh prefill"
+        return None
+
 
 def _same_state(a: object, b: object) -> bool:
     if isinstance(a, np.ndarray):

@@ -87,6 +87,10 @@ class RequestRunner:
             if why is not None:
                 violations.append(Violation("I9", f"after begin: {why}"))
         logits = session.prefill(lambda tokens: self.backend.evaluate(layers, tokens), user_marks)
+        if checking:
+            why = self.backend.logits_mismatch(session.prompt, logits)
+            if why is not None:
+                violations.append(Violation("I9", f"after prefill: {why}"))
         if isinstance(outputs, int):
             produced = self.backend.generate(layers, logits, outputs)
         else:
