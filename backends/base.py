@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 from kvtrie.core.protocols import LayerCache
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "Faults"]
 
 
 class Backend(Protocol):
@@ -17,6 +18,7 @@ class Backend(Protocol):
 
     name: str
     vocab_size: int
+    faults: Faults
 
     def new_layers(self) -> list[LayerCache]:
         """Empty live caches, one per layer (group)."""
@@ -37,3 +39,17 @@ class Backend(Protocol):
     def logits_mismatch(self, prompt: np.ndarray, logits: Any) -> str | None:
         """I9 after prefill: None when ``logits`` equal a fresh full prefill's of ``prompt``."""
         ...
+
+
+@dataclass
+class Faults:
+    """Fault injection shared by a backend's layers: the next ``failing_restores`` restores
+    from a snapshot fail, as a lost or unreadable copy would."""
+
+    failing_restores: int = 0
+
+    def take_restore_failure(self) -> bool:
+        if self.failing_restores > 0:
+            self.failing_restores -= 1
+            return True
+        return False

@@ -22,6 +22,7 @@ from kvtrie.core.hashing import mix64
 from kvtrie.core.protocols import LayerKind, Snapshot
 from kvtrie.core.trie import as_tokens
 
+from .base import Faults
 from .profiles import LayerSpec, ModelProfile
 
 __all__ = ["FakeBackend", "Faults", "SnapshotLedger", "prefix_hashes"]
@@ -77,19 +78,6 @@ def prefix_hashes(start: int, tokens: np.ndarray, salt: int) -> np.ndarray:
 def _seed(salt: int) -> int:
     """The hash value of the empty prefix for a layer."""
     return int(mix64(np.array([salt], dtype=np.int64), 0x5EED)[0])
-
-
-@dataclass
-class Faults:
-    """Fault injection shared by a backend's layers: make restores fail."""
-
-    failing_restores: int = 0
-
-    def take_restore_failure(self) -> bool:
-        if self.failing_restores > 0:
-            self.failing_restores -= 1
-            return True
-        return False
 
 
 @dataclass

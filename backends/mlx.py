@@ -21,10 +21,19 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from kvtrie.core.prefix_cache import DEFAULT_BUDGET_BYTES, CachePolicy, PrefixCache, Session
 from kvtrie.core.protocols import LayerKind, Snapshot
 from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache, make_prompt_cache
 
-__all__ = ["LOGIT_TOLERANCE", "TINY_MODELS", "MLXBackend"]
+from .base import Faults
+
+__all__ = [
+    "LOGIT_TOLERANCE",
+    "TINY_MODELS",
+    "MLXBackend",
+    "MLXPromptCache",
+    "mlxlm_prompt_cache_replay",
+]
 
 # Max |logit difference| accepted between a restored cache and a fresh full prefill (float32).
 LOGIT_TOLERANCE = 1e-4
@@ -94,6 +103,33 @@ TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 
+# Wider models for benchmarks, where compute must dominate the cache's own bookkeeping.
+TINY_MODELS["small-attention"] = (
+    "llama",
+    {
+        **TINY_MODELS["tiny-attention"][1],
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "intermediate_size": 512,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+    },
+)
+TINY_MODELS["small-hybrid"] = (
+    "qwen3_next",
+    {
+        **TINY_MODELS["tiny-hybrid"][1],
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_attention_heads": 8,
+        "linear_num_value_heads": 8,
+        "linear_num_key_heads": 4,
+        "linear_key_head_dim": 32,
+        "linear_value_head_dim": 32,
+        "head_dim": 32,
+    },
+)
+
 
 def _copy(array: mx.array) -> mx.array:
     """A fresh buffer of exactly ``array``'s size: an elementwise op never returns a view, so
@@ -128,8 +164,9 @@ class MLXKVLayer:
 
     kind = LayerKind.KV
 
-    def __init__(self, cache: KVCache) -> None:
+    def __init__(self, cache: KVCache, faults: Faults) -> None:
         self.cache = cache
+        self.faults = faults
 
     @property
     def offset(self) -> int:
@@ -159,6 +196,8 @@ class MLXKVLayer:
 
     def restore(self, snapshot: Snapshot | None, target: int) -> bool:
         if not self.can_restore(snapshot, target):
+            return False
+        if snapshot is not None and self.faults.take_restore_failure():
             return False
         if snapshot is not None:
             assert isinstance(snapshot, MLXSnapshot)
@@ -210,8 +249,9 @@ class MLXRotatingLayer:
 
     kind = LayerKind.ROTATING
 
-    def __init__(self, cache: RotatingKVCache) -> None:
+    def __init__(self, cache: RotatingKVCache, faults: Faults) -> None:
         self.cache = cache
+        self.faults = faults
 
     @property
     def offset(self) -> int:
@@ -249,6 +289,8 @@ class MLXRotatingLayer:
     def restore(self, snapshot: Snapshot | None, target: int) -> bool:
         if not self.can_restore(snapshot, target):
             return False
+        if snapshot is not None and self.faults.take_restore_failure():
+            return False
         cache = self.cache
         if snapshot is not None:
             assert isinstance(snapshot, MLXSnapshot)
@@ -282,8 +324,9 @@ class MLXRecurrentLayer:
 
     kind = LayerKind.RECURRENT
 
-    def __init__(self, cache: ArraysCache) -> None:
+    def __init__(self, cache: ArraysCache, faults: Faults) -> None:
         self.cache = cache
+        self.faults = faults
         self._offset = 0
 
     @property
@@ -312,6 +355,8 @@ class MLXRecurrentLayer:
     def restore(self, snapshot: Snapshot | None, target: int) -> bool:
         if not self.can_restore(snapshot, target):
             return False
+        if snapshot is not None and self.faults.take_restore_failure():
+            return False
         if snapshot is not None:
             assert isinstance(snapshot, MLXSnapshot)
             self.cache.cache = [_copy(a) if a is not None else None for a in snapshot.arrays]
@@ -334,13 +379,13 @@ class MLXRecurrentLayer:
 MLXLayer = MLXKVLayer | MLXRotatingLayer | MLXRecurrentLayer
 
 
-def _adapt(cache: Any) -> MLXLayer:
+def _adapt(cache: Any, faults: Faults) -> MLXLayer:
     if isinstance(cache, RotatingKVCache):
-        return MLXRotatingLayer(cache)
+        return MLXRotatingLayer(cache, faults)
     if isinstance(cache, KVCache):
-        return MLXKVLayer(cache)
+        return MLXKVLayer(cache, faults)
     if isinstance(cache, ArraysCache):
-        return MLXRecurrentLayer(cache)
+        return MLXRecurrentLayer(cache, faults)
     raise ValueError(
         f"mlx-lm cache {type(cache).__name__} is not supported; kvtrie handles KVCache, "
         "RotatingKVCache and ArraysCache (recurrent) layers"
@@ -370,6 +415,7 @@ class MLXBackend:
         self.model_name = model_name
         self.vocab_size = vocab_size
         self.max_logit_diff = 0.0  # the largest difference the oracle has measured
+        self.faults = Faults()
 
     @classmethod
     def from_name(cls, name: str, seed: int = 0) -> MLXBackend:
@@ -388,7 +434,7 @@ class MLXBackend:
         return cls(model, str(path), int(getattr(tokenizer, "vocab_size", 0)) or _vocab_of(model))
 
     def new_layers(self) -> list[MLXLayer]:
-        return [_adapt(cache) for cache in make_prompt_cache(self.model)]
+        return [_adapt(cache, self.faults) for cache in make_prompt_cache(self.model)]
 
     def evaluate(self, layers: Sequence[MLXLayer], tokens: np.ndarray) -> mx.array | None:
         """Forward ``tokens`` through the model on the live caches; the last position's logits."""
@@ -483,3 +529,79 @@ def _state_difference(live: MLXLayer, ref: MLXLayer) -> float:
 def _vocab_of(model: Any) -> int:
     args = getattr(model, "args", None)
     return int(getattr(args, "vocab_size", 0))
+
+
+def mlxlm_prompt_cache_replay(
+    backend: MLXBackend, requests: Sequence[tuple[np.ndarray, np.ndarray]], max_bytes: int | None
+) -> dict[str, int]:
+    """Serve ``(prompt, outputs)`` requests through mlx-lm's own ``LRUPromptCache`` (the
+    server's prompt cache) at ``max_bytes``, counting what it reuses and recomputes.
+
+    As in kvtrie, at least one prompt token is evaluated: an exact hit on a trimmable cache
+    gives its last token back; on a cache that can't trim it is recomputed from scratch.
+    """
+    from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+
+    store = LRUPromptCache(
+        max_size=1 << 30, max_bytes=(1 << 62) if max_bytes is None else max_bytes
+    )
+    counts = {"prompt_tokens": 0, "cached_tokens": 0, "computed_tokens": 0}
+    for prompt, outputs in requests:
+        caches, rest = store.fetch_nearest_cache(backend.model_name, [int(t) for t in prompt])
+        if caches is not None and not rest:
+            if can_trim_prompt_cache(caches):
+                trim_prompt_cache(caches, 1)
+                rest = [int(prompt[-1])]
+            else:
+                caches, rest = None, list(prompt)
+        if caches is None:
+            caches, rest = make_prompt_cache(backend.model), [int(t) for t in prompt]
+        layers = [_adapt(cache, backend.faults) for cache in caches]
+        backend.evaluate(layers, np.asarray(rest, dtype=np.int32))
+        if len(outputs) > 1:
+            backend.evaluate(layers, outputs[:-1])
+        evaluated = np.concatenate([prompt, outputs[:-1]])
+        store.insert_cache(backend.model_name, [int(t) for t in evaluated], caches)
+        counts["prompt_tokens"] += len(prompt)
+        counts["computed_tokens"] += len(rest)
+        counts["cached_tokens"] += len(prompt) - len(rest)
+    return counts
+
+
+class MLXPromptCache:
+    """kvtrie as the prompt cache of mlx-lm generation, shared across conversations.
+
+    ``fetch`` restores the longest cached prefix and evaluates all but the prompt's last token
+    (taking kvtrie's snapshots on the way); hand its caches and remaining token to
+    ``mlx_lm.generate_step`` / ``stream_generate`` as ``prompt_cache`` and ``prompt``; then
+    ``store`` the generated tokens. mlx-lm feeds every token it yields back into the model, so
+    the live state covers prompt + generated tokens.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
+        policy: CachePolicy | None = None,
+        name: str = "model",
+    ) -> None:
+        self.backend = MLXBackend(model, name, _vocab_of(model))
+        self.cache = PrefixCache(self.backend.new_layers(), budget_bytes, policy)
+        self._session: Session | None = None
+
+    def fetch(self, prompt: Sequence[int] | np.ndarray) -> tuple[list[Any], list[int]]:
+        """The live mlx-lm caches and the prompt tokens mlx-lm still has to evaluate (one)."""
+        layers = self.cache.layers
+        self._session = session = self.cache.begin(prompt)
+        session.prefill(lambda t: self.backend.evaluate(layers, t), until=len(session.prompt) - 1)
+        return [layer.cache for layer in layers], [int(session.prompt[-1])]
+
+    def store(self, generated: Sequence[int]) -> None:
+        """Record what mlx-lm generated (and fed back) after ``fetch``."""
+        session, self._session = self._session, None
+        if session is None:
+            raise RuntimeError("store() without a fetch()")
+        evaluated = 1 + len(generated)  # the last prompt token and every yielded token
+        for layer in self.cache.layers:
+            layer.advance(evaluated)
+        session.close(list(generated))

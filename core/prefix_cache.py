@@ -189,6 +189,9 @@ class PrefixCache:
             if self.active_path[-1] is node and all(
                 layer.can_restore(None, matched) for layer in self.layers
             ):
+                if not node.has_all_snapshots():  # live only: keep its tail before rewinding
+                    self._attach_live_snapshots(node)
+                    self.stats.page_outs += 1
                 for layer in self.layers:
                     layer.restore(None, matched)
                 self.active_path.pop()
@@ -375,8 +378,14 @@ class Session:
         """Prompt tokens the caller must evaluate (never empty)."""
         return self.prompt[self.account.cached_tokens :]
 
-    def prefill(self, evaluate: Callable[[np.ndarray], Any], user_marks: Iterable[int] = ()) -> Any:
-        """Evaluate the remaining prompt, stopping to snapshot at the scheduled offsets.
+    def prefill(
+        self,
+        evaluate: Callable[[np.ndarray], Any],
+        user_marks: Iterable[int] = (),
+        until: int | None = None,
+    ) -> Any:
+        """Evaluate the remaining prompt up to offset ``until`` (default: all of it), stopping
+        to snapshot at the scheduled offsets.
 
         ``evaluate`` advances every live layer by the tokens it is given and returns what the
         backend returns (logits); the result of the last call is returned. A user mark at or
@@ -384,10 +393,11 @@ class Session:
         history and are skipped.
         """
         self._check_open()
-        start, end = self.account.cached_tokens, len(self.prompt)
+        start = self.account.cached_tokens
+        end = len(self.prompt) if until is None else max(start, min(until, len(self.prompt)))
         user = {m for m in user_marks if start <= m <= end}
         stops = set(user)
-        if self.snapshot_offset >= start:
+        if start <= self.snapshot_offset <= end:
             stops.add(self.snapshot_offset)
         interval = self.cache.policy.snapshot_interval
         if interval > 0:

@@ -13,6 +13,7 @@ from pathlib import Path
 from kvtrie import __version__
 from kvtrie.backends.base import Backend
 from kvtrie.core.prefix_cache import POLICIES, CachePolicy, PrefixCache
+from kvtrie.core.render import format_bytes
 
 __all__ = ["main", "parse_size", "make_backend", "make_cache"]
 
@@ -188,21 +189,48 @@ def _cmd_gen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_mlx_bench(results: dict) -> None:
+    print(
+        f"mlx bench ({results['attention_model']}, {results['prompt_tokens']} tokens): "
+        f"warm_cold_ratio {results['warm_cold_ratio']:.1f} (ideal "
+        f"{results['warm_cold_ideal']:.0f}), pagein_vs_recompute "
+        f"{results['pagein_vs_recompute']:.1f}, overhead_zero_hit "
+        f"{results['overhead_zero_hit']:.3f}"
+    )
+    for row in results["computed_tokens"]:
+        print(
+            f"  {row['model']} budget "
+            f"{'inf' if row['budget_bytes'] is None else format_bytes(row['budget_bytes'])}: "
+            f"computed tokens kvtrie {row['kvtrie_computed_tokens']:,} vs "
+            f"mlx-lm {row['mlxlm_computed_tokens']:,} of {row['prompt_tokens']:,} prompt "
+            f"tokens; live {row['kvtrie_live_bytes']:,} B, paged out "
+            f"{row['kvtrie_paged_out_bytes']:,} B"
+        )
+    met = results["targets_met"]
+    print("  targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items()))
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench_replay
+    from .bench import bench_mlx, bench_replay
     from .report import report_json
     from .traces import write_atomic
 
-    results = bench_replay(quick=args.quick)
-    print(
-        f"replay bench: {results['requests']} requests, {results['prompt_tokens']:,} prompt "
-        f"tokens in {results['wall_seconds']:.2f} s ({results['tokens_per_second']:,.0f} "
-        f"tokens/s), peak RSS {results['peak_rss_bytes'] / 2**20:,.0f} MiB, hit ratio "
-        f"{results['hit_ratio']:.4f}; targets {'met' if results['targets_met'] else 'MISSED'}"
-    )
+    clean = True
+    if args.suite == "replay":
+        results = bench_replay(quick=args.quick)
+        print(
+            f"replay bench: {results['requests']} requests, {results['prompt_tokens']:,} prompt "
+            f"tokens in {results['wall_seconds']:.2f} s ({results['tokens_per_second']:,.0f} "
+            f"tokens/s), peak RSS {results['peak_rss_bytes'] / 2**20:,.0f} MiB, hit ratio "
+            f"{results['hit_ratio']:.4f}; targets {'met' if results['targets_met'] else 'MISSED'}"
+        )
+        clean = results["clean"]
+    else:
+        results = bench_mlx(quick=args.quick)
+        _print_mlx_bench(results)
     if args.report:
         write_atomic(args.report, report_json(results))
-    return EXIT_OK if results["clean"] else EXIT_VIOLATION
+    return EXIT_OK if clean else EXIT_VIOLATION
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,10 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="measure speed and memory, written as JSON",
         description="replay: the whole Mooncake conversation trace on the fake backend at an "
-        "infinite budget with every check on; reports wall time, peak RSS and tokens/s.",
+        "infinite budget with every check on; reports wall time, peak RSS and tokens/s. "
+        "mlx: on real MLX models, warm vs cold prefill, page-in vs recompute, the cache's "
+        "overhead with no shared prefixes, and tokens computed by kvtrie vs mlx-lm's own "
+        "prompt cache, all as ratios measured in one run.",
     )
-    bench.add_argument("suite", choices=["replay"], help="what to measure")
-    bench.add_argument("--quick", action="store_true", help="a short run (first 1000 requests)")
+    bench.add_argument("suite", choices=["replay", "mlx"], help="what to measure")
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run: replay the first 1000 requests; mlx with tiny models "
+        "and 512-token prompts",
+    )
     bench.add_argument("--report", type=Path, help="write the JSON results here")
     bench.set_defaults(func=_cmd_bench)
     return parser

@@ -210,3 +210,15 @@ def test_negative_budget_is_rejected(rig):
     r = rig("kv")
     with pytest.raises(ValueError, match="budget_bytes"):
         r.cache.set_budget(-1)
+
+
+def test_partial_reuse_of_the_live_frontier_keeps_its_tail(rig):
+    # Found by comparing with mlx-lm's prompt cache: rewinding inside the live frontier, which
+    # has no snapshots yet, used to discard the tail, so the conversation could not resume.
+    r = rig("kv", policy="kvtrie-improved")
+    first = S + [1, 2, 3]
+    r.run(first, [7, 8])
+    assert r.run(S + [4, 5]).cached_tokens == 20  # diverges inside the live edge
+    tail = r.node_at(20, 24)
+    assert tail.has_all_snapshots()
+    assert r.run(first + [7, 8, 9]).cached_tokens == 24  # the first conversation resumes

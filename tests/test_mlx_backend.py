@@ -1,0 +1,140 @@
+"""The MLX backend on real mlx-lm models: a restored cache gives the logits of a fresh prefill.
+
+Every request runs with the full checks: the layer arrays after ``begin`` and the last logits
+after prefill are compared with a fresh full prefill (tolerance ``LOGIT_TOLERANCE``, float32).
+Prompts stay at tens of tokens: MLX on a CPU is slow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kvtrie.backends.mlx import LOGIT_TOLERANCE, TINY_MODELS, MLXBackend
+from kvtrie.core import PrefixCache, check
+from kvtrie.core.prefix_cache import POLICIES
+from kvtrie.core.protocols import LayerKind
+from kvtrie.sim.runner import CheckMode, RequestRunner
+
+MODELS = sorted(TINY_MODELS)
+S = list(range(3, 23))  # a 20-token shared prefix, longer than tiny-swa's window (8)
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def backend(request):
+    return MLXBackend.from_name(request.param)
+
+
+class MLXRig:
+    def __init__(self, backend, budget=None, policy="kvtrie-seed"):
+        self.backend = backend
+        self.cache = PrefixCache(backend.new_layers(), budget_bytes=budget, policy=POLICIES[policy])
+        self.runner = RequestRunner(backend, self.cache, CheckMode(full=True))
+
+    def run(self, prompt, outputs=3, marks=()):
+        result = self.runner.run(np.asarray(prompt), outputs, marks)
+        assert result.violations == [], [str(v) for v in result.violations]
+        assert check(self.cache) == []
+        return result
+
+
+def no_cache_outputs(backend, prompt, count):
+    layers = backend.new_layers()
+    return backend.generate(layers, backend.evaluate(layers, np.asarray(prompt)), count)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_multi_conversation_requests_match_a_fresh_prefill(backend, policy):
+    rig = MLXRig(backend, policy=policy)
+    a1 = rig.run(S + [40, 41, 42])
+    a_history = S + [40, 41, 42] + [int(t) for t in a1.outputs]
+    b1 = rig.run(S + [50, 51], marks=[20])  # diverges inside A's edge
+    rig.run(S + [60, 61, 62, 63])  # shares the branch point
+    a2 = rig.run(a_history + [70, 71])  # back to the first conversation
+    assert a2.account.cached_tokens >= 20
+    edited = rig.run(S + [40, 41, 99])  # an edit of A's first message
+    assert edited.account.cached_tokens >= 20
+    assert b1.account.cached_tokens == 0 or policy == "kvtrie-improved"
+    for prompt in (S + [40, 41, 99], a_history + [70, 71]):
+        again = rig.run(prompt, outputs=4)
+        assert list(again.outputs) == list(no_cache_outputs(backend, prompt, 4))
+    assert backend.max_logit_diff <= LOGIT_TOLERANCE
+
+
+def test_tiny_budget_evicts_and_stays_exact(backend):
+    rig = MLXRig(backend, budget=1)  # every paged-out snapshot is evicted at once
+    for tail in ([1, 2], [3, 4, 5], [1, 2, 6], [7]):
+        rig.run(S + tail)
+    assert rig.cache.stats.evictions > 0
+
+
+def test_failed_restore_recomputes(backend):
+    rig = MLXRig(backend)
+    rig.run(S + [1])
+    rig.run(S + [2])
+    rig.run([400, 401])  # leave, so coming back needs snapshots
+    backend.faults.failing_restores = 1
+    result = rig.run(S + [3])
+    assert rig.cache.stats.restore_failures == 1 and result.account.cached_tokens == 0
+    assert rig.run(S + [4]).account.cached_tokens == 20
+
+
+def test_snapshots_are_copies_not_views_of_the_live_buffer():
+    backend = MLXBackend.from_name("tiny-attention")
+    layers = backend.new_layers()
+    backend.evaluate(layers, np.arange(1, 11))
+    kv = layers[0]
+    expected = np.array(kv.cache.keys[..., :10, :])
+    snap = kv.snapshot(0)
+    assert snap.nbytes == expected.nbytes * 2  # keys and values of 10 positions, no more
+    for layer in layers:
+        layer.restore(None, 5)
+    backend.evaluate(layers, np.arange(100, 110))  # writes over positions 5..9
+    assert kv.restore(snap, 10)
+    assert np.array_equal(np.array(kv.cache.keys[..., :10, :]), expected)
+
+
+def test_recurrent_layers_restore_only_from_snapshots():
+    backend = MLXBackend.from_name("tiny-hybrid")
+    layers = backend.new_layers()
+    backend.evaluate(layers, np.arange(1, 13))
+    recurrent = [layer for layer in layers if layer.kind is LayerKind.RECURRENT]
+    assert recurrent and all(layer.offset == 12 for layer in recurrent)
+    layer = recurrent[0]
+    snap = layer.snapshot(0)
+    assert not layer.restore(None, 11)
+    assert layer.split(snap, 6) == (None, snap)
+    layer.free()
+    assert not layer.restore(snap, 11) and layer.restore(snap, 12)
+
+
+def test_sliding_window_restored_past_its_edge():
+    backend = MLXBackend.from_name("tiny-swa")
+    rig = MLXRig(backend)
+    rig.run(S + [1])
+    rig.run(S + [2])
+    kinds = {layer.kind for layer in rig.cache.layers}
+    assert LayerKind.ROTATING in kinds
+    assert rig.run(S + [3]).account.cached_tokens == 20  # 20 > window 8, restored exactly
+    rotating = next(layer for layer in rig.cache.layers if layer.kind is LayerKind.ROTATING)
+    assert not rotating.can_restore(None, rotating.offset - 1)
+
+
+@pytest.mark.parametrize("name", ["tiny-attention", "tiny-hybrid"])
+def test_drop_in_prompt_cache_for_mlx_lm_generation(name):
+    import mlx.core as mx
+    from kvtrie.backends.mlx import MLXPromptCache, build_tiny_model
+    from mlx_lm.generate import generate_step
+
+    model = build_tiny_model(name)
+    prompt_cache = MLXPromptCache(model, budget_bytes=None)
+    for tail in ([1, 2, 3], [4, 5], [1, 2, 3, 9]):
+        prompt = S + tail
+        caches, rest = prompt_cache.fetch(prompt)
+        out = [
+            t for t, _ in generate_step(mx.array(rest), model, max_tokens=4, prompt_cache=caches)
+        ]
+        prompt_cache.store(out)
+        fresh = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=4)]
+        assert out == fresh
+        assert check(prompt_cache.cache) == []
+    assert prompt_cache.cache.stats.cached_tokens >= 20
