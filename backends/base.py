@@ -43,10 +43,26 @@ class Backend(Protocol):
 
 @dataclass
 class Faults:
-    """Fault injection shared by a backend's layers: the next ``failing_restores`` restores
-    from a snapshot fail, as a lost or unreadable copy would."""
+    """Fault injection shared by a backend's layers: restores that fail, as a lost or unreadable
+    copy would, and snapshots damaged in place. Counted, so a restore failure nobody injected
+    shows up as a bug (I11)."""
 
     failing_restores: int = 0
+    injected: int = 0
+    corruptions: int = 0
+
+    def fail_next_restores(self, count: int = 1) -> None:
+        self.failing_restores += count
+        self.injected += count
+
+    def corrupt(self, snapshot: Any) -> bool:
+        """Damage ``snapshot``'s data (not its checksum); False if the backend can't."""
+        damage = getattr(snapshot, "corrupt", None)
+        if damage is None:
+            return False
+        damage()
+        self.corruptions += 1
+        return True
 
     def take_restore_failure(self) -> bool:
         if self.failing_restores > 0:

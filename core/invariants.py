@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .evict import OldestDeepestLargest
 from .prefix_cache import PrefixCache, RequestAccount, Session
 from .protocols import LayerCache, LayerKind
 from .trie import Node, walk
@@ -95,6 +96,47 @@ def _check_active_path(cache: PrefixCache, out: list[Violation]) -> None:
         if node.parent is not prev or prev.children.get(int(node.tokens[0])) is not node:
             out.append(
                 Violation("I7", f"active {_where(node)} is not in the trie under {_where(prev)}")
+            )
+
+
+def _order_key(facts: tuple[int, int, int]) -> tuple[int, int, int]:
+    """SPEC.md's eviction order, computed here and not by the cache: oldest, deepest, largest."""
+    last_used, end, nbytes = facts
+    return (last_used, -end, -nbytes)
+
+
+def _check_evictions(cache: PrefixCache, out: list[Violation]) -> None:
+    """EVICT: each evicted node came first in the seed's order among the candidates it had."""
+    evictions = cache.ledger.take_evictions()
+    if cache.policy.eviction.name != OldestDeepestLargest.name:
+        return
+    for victim, candidates in evictions:
+        first = min(candidates, key=_order_key)
+        if _order_key(victim) != _order_key(first):
+            out.append(
+                Violation(
+                    "EVICT",
+                    f"evicted (last_used, end, bytes) = {victim} before {first}, which is "
+                    "older, deeper or larger",
+                )
+            )
+
+
+def _check_used(cache: PrefixCache, nodes: list[Node], out: list[Violation]) -> None:
+    """LRU: after a request closes, every node of its path was used at once, and last."""
+    times = {n.last_used for n in cache.active_path[1:]}
+    if len(times) > 1:
+        out.append(Violation("LRU", f"the closed path's nodes were used at times {sorted(times)}"))
+    if times:
+        newest = max(times)
+        later = [n for n in nodes if n.last_used > newest]
+        if later:
+            out.append(
+                Violation(
+                    "LRU",
+                    f"{_where(later[0])} used at {later[0].last_used}, after the "
+                    f"request that just closed ({newest})",
+                )
             )
 
 
@@ -182,13 +224,18 @@ def check_request(account: RequestAccount) -> list[Violation]:
     return out
 
 
-def _check_shared(cache: PrefixCache, session: Session | None, out: list[Violation]) -> None:
+def _check_shared(
+    cache: PrefixCache, session: Session | None, nodes: list[Node], out: list[Violation]
+) -> None:
     _check_root(cache, out)
     _check_active_path(cache, out)
     _check_live(cache, session, out)
     _check_accounting(cache, out)
+    _check_evictions(cache, out)
     if session is not None:
         out.extend(check_request(session.account))
+        if session.closed:
+            _check_used(cache, nodes, out)
 
 
 def check(cache: PrefixCache, session: Session | None = None) -> list[Violation]:
@@ -197,7 +244,8 @@ def check(cache: PrefixCache, session: Session | None = None) -> list[Violation]
     owners: dict[int, Node] = {}
     tally = 0
     holders = []
-    for node in walk(cache.root):
+    nodes = list(walk(cache.root))
+    for node in nodes:
         tally += _check_node(node, cache.layers, out)
         for child in node.children.values():
             if child.parent is not node:
@@ -211,7 +259,7 @@ def check(cache: PrefixCache, session: Session | None = None) -> list[Violation]
             holders.append(node)
     _check_tally(cache, tally, out)
     _check_budget(cache, holders, out)
-    _check_shared(cache, session, out)
+    _check_shared(cache, session, nodes, out)
     return out
 
 
@@ -223,6 +271,7 @@ class Checker:
         self.cache = cache
         cache.ledger.tracking = True
         cache.ledger.take_touched()
+        cache.ledger.take_evictions()
         self._bytes: dict[Node, int] = {}
         self._tally = 0
         for node in walk(cache.root):
@@ -244,7 +293,8 @@ class Checker:
 
     def check(self, session: Session | None = None) -> list[Violation]:
         out: list[Violation] = []
-        for node in self.cache.ledger.take_touched():
+        touched = self.cache.ledger.take_touched()
+        for node in touched:
             if self._attached(node):
                 self._record(node, out)
             else:
@@ -255,5 +305,5 @@ class Checker:
             and self.cache.ledger.total > self.cache.budget_bytes
         ):
             _check_budget(self.cache, [n for n in self._bytes if n.has_snapshots()], out)
-        _check_shared(self.cache, session, out)
+        _check_shared(self.cache, session, [n for n in touched if self._attached(n)], out)
         return out

@@ -157,10 +157,8 @@ class PrefixCache:
             raise ValueError("a prompt needs at least one token")
         if self._session is not None:
             self._session.close(self._session.outputs)
-        path, matched = match(self.root, tokens)
-        longest = matched
-        if matched == len(tokens):  # keep one token to evaluate, so generation has logits
-            path, matched = match(self.root, tokens[:-1])
+        longest = match(self.root, tokens)[1]
+        path, matched = self._match_leaving_one(tokens)
         partial = len(path) > 1 and path[-1].start < matched < path[-1].end
         prefix = self._switch_to_match(path, matched, partial)
         snapshot_at = matched if (partial or (prefix == 0 and matched > 0)) else 0
@@ -181,23 +179,36 @@ class PrefixCache:
         self._session = Session(self, tokens, account, snapshot_at)
         return self._session
 
+    def _match_leaving_one(self, tokens: np.ndarray) -> tuple[list[Node], int]:
+        """The longest match of ``tokens`` that leaves at least one token to evaluate, so
+        generation has logits to start from."""
+        path, matched = match(self.root, tokens)
+        if matched == len(tokens):
+            path, matched = match(self.root, tokens[:-1])
+        return path, matched
+
     def _switch_to_match(self, path: list[Node], matched: int, partial: bool) -> int:
         """Switch to the matched path and return how many prompt tokens the live state covers."""
         if partial and self._can_reuse_partial_edge():
             self._switch(path)
             node = path[-1]
-            if self.active_path[-1] is node and all(
-                layer.can_restore(None, matched) for layer in self.layers
-            ):
-                if not node.has_all_snapshots():  # live only: keep its tail before rewinding
-                    self._attach_live_snapshots(node)
-                    self.stats.page_outs += 1
-                for layer in self.layers:
-                    layer.restore(None, matched)
+            if self.active_path[-1] is node and self._rewind_inside(node, matched):
                 self.active_path.pop()
                 return matched
         self._switch(path[:-1] if partial else path)
         return self.live_offset
+
+    def _rewind_inside(self, node: Node, target: int) -> bool:
+        """Rewind every live layer from ``node``'s end to ``target`` inside its edge, if every
+        layer can; the node is paged out first so its tail stays restorable."""
+        if not all(layer.can_restore(None, target) for layer in self.layers):
+            return False
+        if not node.has_all_snapshots():
+            self._attach_live_snapshots(node)
+            self.stats.page_outs += 1
+        for layer in self.layers:
+            layer.restore(None, target)
+        return True
 
     def _can_reuse_partial_edge(self) -> bool:
         return self.policy.reuse_partial_edge and all(
@@ -311,14 +322,15 @@ class PrefixCache:
         active = {id(node) for node in self.active_path}
         priority = self.policy.eviction.priority
         while self.ledger.total > self.budget_bytes:
-            candidates = [
-                node
-                for node in walk(self.root)
-                if id(node) not in active and not node.is_root and node.has_snapshots()
-            ]
+            candidates = [node for node in walk(self.root) if self._evictable(node, active)]
             if not candidates:
                 break
-            self._evict(min(candidates, key=priority), active)
+            victim = min(candidates, key=priority)
+            self.ledger.record_eviction(victim, candidates)
+            self._evict(victim, active)
+
+    def _evictable(self, node: Node, active: set[int]) -> bool:
+        return id(node) not in active and not node.is_root and node.has_snapshots()
 
     def _evict(self, node: Node, active: set[int]) -> None:
         self.stats.evictions += 1
@@ -349,6 +361,12 @@ class PrefixCache:
             self.stats.merges += 1
         else:
             node.set_snapshots(None, self.ledger)  # a branch point keeps its place
+
+    def _mark_used(self, path: list[Node]) -> None:
+        """Every node of the path was used now: LRU time is refreshed on all of them."""
+        now = self.clock()
+        for node in path:
+            node.last_used = now
 
     # ---- introspection --------------------------------------------------------------------
 
@@ -455,9 +473,7 @@ class Session:
         frontier = cache.active_path[-1]
         if offset > frontier.end:
             cache._advance(frontier, tokens[frontier.end : offset])
-        now = cache.clock()
-        for node in cache.active_path:
-            node.last_used = now
+        cache._mark_used(cache.active_path)
 
     def _tokens(self) -> np.ndarray:
         if not len(self.outputs):

@@ -47,6 +47,10 @@ def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
     return int(differs[0]) if len(differs) else n
 
 
+def _eviction_facts(node: Node) -> tuple[int, int, int]:
+    return (node.last_used, node.end, node.snapshot_bytes)
+
+
 @dataclass(eq=False)
 class ByteLedger:
     """The paged-out byte counter, its high-water mark, and the nodes changed since last read.
@@ -59,6 +63,10 @@ class ByteLedger:
     peak: int = 0
     tracking: bool = False
     touched: set[Node] = field(default_factory=set)
+    # (victim, candidates) of each eviction, as (last_used, end, bytes), while tracking
+    evictions: list[tuple[tuple[int, int, int], list[tuple[int, int, int]]]] = field(
+        default_factory=list
+    )
 
     def add(self, delta: int) -> None:
         self.total += delta
@@ -67,6 +75,16 @@ class ByteLedger:
     def touch(self, *nodes: Node | None) -> None:
         if self.tracking:
             self.touched.update(n for n in nodes if n is not None)
+
+    def record_eviction(self, victim: Node, candidates: list[Node]) -> None:
+        if self.tracking:
+            self.evictions.append(
+                (_eviction_facts(victim), [_eviction_facts(n) for n in candidates])
+            )
+
+    def take_evictions(self) -> list[tuple[tuple[int, int, int], list[tuple[int, int, int]]]]:
+        evictions, self.evictions = self.evictions, []
+        return evictions
 
     def take_touched(self) -> set[Node]:
         touched, self.touched = self.touched, set()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kvtrie import __version__
 from kvtrie.backends.base import Backend
-from kvtrie.core.prefix_cache import POLICIES, CachePolicy, PrefixCache
+from kvtrie.core.prefix_cache import DEFAULT_BUDGET_BYTES, POLICIES, CachePolicy, PrefixCache
 from kvtrie.core.render import format_bytes
 
 __all__ = ["main", "parse_size", "make_backend", "make_cache"]
@@ -83,9 +83,10 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         choices=["fake", "mlx"],
-        default="fake",
+        default=None,
         help="fake: deterministic tensors sized by a model profile (default); "
-        "mlx: real mlx-lm models",
+        "mlx: real mlx-lm models. Options left out come from the trace's header when it has "
+        "them (backend, profile, budget_bytes, policy), else from these defaults",
     )
     parser.add_argument(
         "--model",
@@ -95,12 +96,12 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--budget",
-        default="8GiB",
+        default=None,
         help="most paged-out snapshot bytes, e.g. 8GiB, 512MiB, inf (default 8GiB)",
     )
     parser.add_argument(
         "--policy",
-        default="kvtrie-seed",
+        default=None,
         choices=sorted(POLICIES),
         help="kvtrie-seed: the seed's exact semantics (default); kvtrie-improved: "
         "reuse partial edges where every layer can rewind, keep restore points",
@@ -128,17 +129,31 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from .replay import replay
     from .report import build_report, markdown_summary, report_json, text_summary
     from .runner import CheckMode
-    from .traces import TraceError, load_trace, write_atomic
+    from .traces import TraceError, load_trace, read_header, write_atomic
 
-    model = args.model or _default_model(args.backend)
+    path = trace_path(args.trace)
+    header = read_header(path)  # a trace may carry its own backend, model, budget and policy
+    backend_name = args.backend or header.get("backend", "fake")
+    model = args.model or header.get("profile") or _default_model(backend_name)
     try:
-        budget = parse_size(args.budget)
-        policy = make_policy(args.policy, args.snapshot_interval)
+        if args.budget is not None:
+            budget = parse_size(args.budget)
+        else:
+            budget = header.get("budget_bytes", DEFAULT_BUDGET_BYTES)
+            if budget is not None and (
+                isinstance(budget, bool) or not isinstance(budget, int) or budget < 0
+            ):
+                raise ValueError(
+                    f"{path}:1: budget_bytes must be an integer >= 0 or null, got {budget!r}"
+                )
+        policy = make_policy(
+            args.policy or header.get("policy", "kvtrie-seed"), args.snapshot_interval
+        )
         mode = CheckMode.parse(args.check)
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
-        backend = make_backend(args.backend, model)
-        trace = load_trace(trace_path(args.trace), vocab_size=backend.vocab_size)
+        backend = make_backend(backend_name, model)
+        trace = load_trace(path, vocab_size=backend.vocab_size)
     except (ValueError, TraceError, OSError) as exc:
         print(f"kvtrie replay: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -152,7 +167,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         args.keep_going,
         progress=False if args.quiet else None,
     )
-    report = build_report(trace, outcome, cache, args.backend, model, args.check)
+    report = build_report(trace, outcome, cache, backend_name, model, args.check)
     if not args.quiet:
         print(text_summary(report))
     if outcome.violations:

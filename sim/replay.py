@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from kvtrie.backends.base import Backend
+from kvtrie.core.invariants import Violation
 from kvtrie.core.prefix_cache import PrefixCache
 from kvtrie.core.render import render_trie
 from tqdm import tqdm
 
 from .ideal import IdealPrefixes
 from .runner import CheckMode, RequestRunner
-from .traces import Trace, resolve_prompt
+from .traces import Event, Trace, resolve_prompt
 
 __all__ = ["ReplayOutcome", "RequestViolation", "replay"]
 
@@ -60,21 +61,39 @@ def replay(
     keep_going: bool = False,
     progress: bool | None = None,
 ) -> ReplayOutcome:
-    """Serve every request of ``trace`` (the first ``limit``) and check as ``mode`` says.
-
-    A violation stops the replay with a dump of the trie, unless ``keep_going``.
-    """
+    """Serve every request of ``trace`` (the first ``limit``), applying its events, and check
+    as ``mode`` says. A violation stops the replay with a dump of the trie, unless
+    ``keep_going``."""
     requests = trace.requests[:limit] if limit is not None else trace.requests
     runner = RequestRunner(backend, cache, mode)
     ideal = IdealPrefixes()
     history: dict[str, np.ndarray] = {}
     outcome = ReplayOutcome()
     started = time.perf_counter()
+
+    def stop_at(where: str, line: int, violations: list[Violation]) -> bool:
+        """Keep the violations; True when the replay must stop here."""
+        for v in violations:
+            outcome.violations.append(RequestViolation(where, line, v.invariant, v.detail))
+        if violations and not keep_going:
+            outcome.trie_dump = render_trie(cache)
+            outcome.stopped_early = True
+            log.error("violation at %s (line %d): %s", where, line, violations[0])
+            return True
+        return False
+
+    def apply_events(events: tuple[Event, ...]) -> bool:
+        return any(stop_at(f"event:{e.kind}", e.line, runner.apply(e)) for e in events)
+
     # progress None: a bar only on a terminal (tqdm's own test)
     bar = tqdm(
         requests, desc="replay", unit="req", disable=None if progress is None else not progress
     )
+    stopped = False
     for request in bar:
+        if apply_events(request.events):
+            stopped = True
+            break
         prompt = resolve_prompt(request, history, backend.vocab_size)
         outcome.ideal_cached_tokens += ideal.cached(prompt)
         result = runner.run(prompt, request.outputs, request.user_snapshots)
@@ -89,15 +108,12 @@ def replay(
         if outcome.requests % 64 == 0 and not bar.disable:
             stats = cache.stats
             bar.set_postfix(hit=f"{stats.cached_tokens / max(stats.prompt_tokens, 1):.3f}")
-        for v in result.violations:
-            outcome.violations.append(
-                RequestViolation(request.id, request.line, v.invariant, v.detail)
-            )
-        if result.violations and not keep_going:
-            outcome.trie_dump = render_trie(cache)
-            outcome.stopped_early = outcome.requests < len(requests)
-            log.error("violation at request %s: %s", request.id, result.violations[0])
+        if stop_at(request.id, request.line, result.violations):
+            stopped = True
             break
+    if not stopped and len(requests) == len(trace.requests):
+        apply_events(trace.trailing_events)
     bar.close()
+    outcome.stopped_early = stopped and outcome.requests < len(requests)
     outcome.wall_seconds = time.perf_counter() - started
     return outcome

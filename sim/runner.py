@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from kvtrie.backends.base import Backend
 from kvtrie.core.invariants import Checker, Violation, check
-from kvtrie.core.prefix_cache import PrefixCache, RequestAccount
+from kvtrie.core.prefix_cache import PrefixCache, RequestAccount, Session
 from kvtrie.core.trie import as_tokens
+
+from .traces import Event
 
 __all__ = ["CheckMode", "RequestResult", "RequestRunner"]
 
@@ -66,8 +68,22 @@ class RequestRunner:
         self.backend = backend
         self.cache = cache
         self.mode = mode or CheckMode()
-        self.checker = Checker(cache) if self.mode.every and not self.mode.full else None
+        self.checker = Checker(cache) if self.mode.every else None
         self.index = 0
+
+    def apply(self, event: Event) -> list[Violation]:
+        """Apply a trace event (budget change, injected fault) and check what it caused."""
+        if event.kind == "budget":
+            self.cache.set_budget(event.budget_bytes)
+        elif event.kind == "fail_restores":
+            self.backend.faults.fail_next_restores(event.count)
+        else:
+            for node in self.cache.nodes():
+                if (node.start, node.end) == (event.start, event.end):
+                    for snap in node.snapshots or []:
+                        if snap is not None:
+                            self.backend.faults.corrupt(snap)
+        return self._structural(None) if self.mode.every else []
 
     def run(
         self,
@@ -99,10 +115,21 @@ class RequestRunner:
                 self.backend.evaluate(layers, produced[:-1])
         session.close(produced)
         if checking:
-            violations += self._structural(None)
+            violations += self._structural(session)
+            faults = self.backend.faults
+            failures = self.cache.stats.restore_failures
+            if not faults.corruptions and failures > faults.injected:
+                violations.append(
+                    Violation(
+                        "I11",
+                        f"{failures} restores failed, only {faults.injected} failures were injected",
+                    )
+                )
         return RequestResult(session.account, produced, violations)
 
-    def _structural(self, session) -> list[Violation]:
-        if self.checker is not None:
-            return self.checker.check(session)
-        return check(self.cache, session)
+    def _structural(self, session: Session | None) -> list[Violation]:
+        assert self.checker is not None
+        found = self.checker.check(session)
+        if self.mode.full:  # the whole trie too; report what either finds, once
+            found += [v for v in check(self.cache, session) if v not in found]
+        return found

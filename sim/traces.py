@@ -23,6 +23,7 @@ from kvtrie.core.hashing import mix64
 from kvtrie.core.trie import as_tokens
 
 __all__ = [
+    "Event",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MOONCAKE_BLOCK",
@@ -31,6 +32,7 @@ __all__ = [
     "Trace",
     "TraceError",
     "load_trace",
+    "read_header",
     "resolve_prompt",
     "write_atomic",
     "write_trace",
@@ -51,6 +53,28 @@ class TraceError(ValueError):
         self.line = line
 
 
+EVENT_KINDS = ("budget", "fail_restores", "corrupt")
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something done to the cache between requests: a budget change or an injected fault."""
+
+    kind: str
+    line: int
+    budget_bytes: int | None = None
+    count: int = 0
+    start: int = 0
+    end: int = 0
+
+    def as_line(self) -> dict[str, Any]:
+        if self.kind == "budget":
+            return {"event": "budget", "budget_bytes": self.budget_bytes}
+        if self.kind == "fail_restores":
+            return {"event": "fail_restores", "count": self.count}
+        return {"event": "corrupt", "start": self.start, "end": self.end}
+
+
 @dataclass
 class Request:
     """One request: its prompt (own tokens, or a prefix of an earlier request plus tokens, or
@@ -67,6 +91,7 @@ class Request:
     input_length: int = 0
     outputs: list[int] | int = 0
     user_snapshots: tuple[int, ...] = ()
+    events: tuple[Event, ...] = ()  # applied just before this request
 
     @property
     def prompt_length(self) -> int:
@@ -88,6 +113,7 @@ class Trace:
     header: dict[str, Any]
     requests: list[Request]
     referenced: set[str] = field(default_factory=set)
+    trailing_events: tuple[Event, ...] = ()  # applied after the last request
 
     @property
     def prompt_tokens(self) -> int:
@@ -147,8 +173,12 @@ def _parse_kvtrie(path: Path, lines: list[tuple[int, dict]], vocab: int | None) 
     requests: list[Request] = []
     lengths: dict[str, int] = {}
     referenced: set[str] = set()
+    pending: list[Event] = []
     last_arrival = float("-inf")
     for number, obj in lines[1:]:
+        if "event" in obj:
+            pending.append(_parse_event(path, number, obj))
+            continue
         for key in ("id", "prompt"):
             if key not in obj:
                 raise _fail(path, number, f"missing field {key!r}")
@@ -214,9 +244,28 @@ def _parse_kvtrie(path: Path, lines: list[tuple[int, dict]], vocab: int | None) 
                     f"user snapshot at {mark} is past the prompt ({request.prompt_length} tokens)",
                 )
         request.user_snapshots = tuple(sorted(set(marks)))
+        request.events, pending = tuple(pending), []
         lengths[rid] = request.prompt_length + request.output_length
         requests.append(request)
-    return Trace(str(path), "", "kvtrie", header, requests, referenced)
+    return Trace(str(path), "", "kvtrie", header, requests, referenced, tuple(pending))
+
+
+def _parse_event(path: Path, number: int, obj: dict[str, Any]) -> Event:
+    kind = obj["event"]
+    if kind not in EVENT_KINDS:
+        raise _fail(path, number, f"unknown event {kind!r}; events are {', '.join(EVENT_KINDS)}")
+    if kind == "budget":
+        if "budget_bytes" not in obj:
+            raise _fail(path, number, "missing field 'budget_bytes' (null for unbounded)")
+        budget = obj["budget_bytes"]
+        if budget is not None:
+            budget = _int(budget, "budget_bytes", path, number)
+        return Event(kind, number, budget_bytes=budget)
+    if kind == "fail_restores":
+        return Event(kind, number, count=_int(obj.get("count"), "count", path, number, 1))
+    start = _int(obj.get("start"), "start", path, number)
+    end = _int(obj.get("end"), "end", path, number, minimum=start + 1)
+    return Event(kind, number, start=start, end=end)
 
 
 def _parse_mooncake(path: Path, lines: list[tuple[int, dict]]) -> Trace:
@@ -260,6 +309,16 @@ def _parse_mooncake(path: Path, lines: list[tuple[int, dict]]) -> Trace:
             )
         )
     return Trace(str(path), "", "mooncake", {}, requests)
+
+
+def read_header(path: Path | str) -> dict[str, Any]:
+    """The header of a kvtrie trace (empty for Mooncake or an unreadable first line)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = json.loads(handle.readline() or "{}")
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return first if isinstance(first, dict) and first.get("format") == FORMAT_NAME else {}
 
 
 def load_trace(path: Path | str, vocab_size: int | None = None) -> Trace:

@@ -127,7 +127,7 @@ def test_injected_restore_failure_fails_once(backend):
     layer.evaluate(np.arange(1, 6))
     snap = layer.snapshot(0)
     layer.free()
-    backend.faults.failing_restores = 1
+    backend.faults.fail_next_restores(1)
     assert not layer.restore(snap, 5)
     assert layer.restore(snap, 5)
 

@@ -72,7 +72,7 @@ def test_failed_restore_recomputes(backend):
     rig.run(S + [1])
     rig.run(S + [2])
     rig.run([400, 401])  # leave, so coming back needs snapshots
-    backend.faults.failing_restores = 1
+    backend.faults.fail_next_restores(1)
     result = rig.run(S + [3])
     assert rig.cache.stats.restore_failures == 1 and result.account.cached_tokens == 0
     assert rig.run(S + [4]).account.cached_tokens == 20

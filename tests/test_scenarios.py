@@ -173,7 +173,7 @@ def test_failed_restore_recomputes_and_state_stays_exact(rig):
     r = rig("mixed")
     r.run(S + [1])
     r.run(S + [2])
-    r.backend.faults.failing_restores = 1
+    r.backend.faults.fail_next_restores(1)
     account = r.run(S + [3])
     assert account.cached_tokens == 0 and r.cache.stats.restore_failures == 1
     assert r.run(S + [4]).cached_tokens == 20  # the branch point was snapshotted afresh
@@ -184,7 +184,7 @@ def test_corrupt_snapshot_is_refused_and_recomputed(rig):
     r.run(S + [1])
     r.run(S + [2])
     for snap in r.node_at(0, 20).snapshots:
-        snap.corrupt()
+        assert r.backend.faults.corrupt(snap)
     r.run([500])  # move away so every layer must be restored from the corrupt node
     assert r.run(S + [3]).cached_tokens == 0
     assert r.cache.stats.restore_failures == 1

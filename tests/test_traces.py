@@ -176,3 +176,42 @@ def test_cli_bad_input_exits_2_and_writes_no_report(tmp_path, capsys):
 def test_cli_bad_options_exit_2(argv, capsys):
     assert main(["replay", "system-prompt", *argv]) == 2
     assert "kvtrie replay:" in capsys.readouterr().err
+
+
+def test_events_and_header_defaults_replay(tmp_path, capsys):
+    path = write_lines(
+        tmp_path / "e.jsonl",
+        [
+            {**HEADER, "profile": "tiny-mixed", "budget_bytes": None, "policy": "kvtrie-improved"},
+            {"id": "a", "prompt": [1, 2, 3, 4, 5, 6]},
+            {"id": "b", "prompt": [1, 2, 3, 4, 8]},  # splits a's edge and snapshots at 4
+            {"id": "d", "prompt": [9]},
+            {"event": "fail_restores", "count": 1},
+            {"id": "c", "prompt": [1, 2, 3, 4, 7]},  # must restore [0, 4): the injected failure
+            {"event": "corrupt", "start": 0, "end": 4},
+            {"event": "budget", "budget_bytes": 0},
+        ],
+    )
+    trace = load_trace(path)
+    assert [e.kind for e in trace.requests[3].events] == ["fail_restores"]
+    assert [e.kind for e in trace.trailing_events] == ["corrupt", "budget"]
+    report = tmp_path / "r.json"
+    assert main(["replay", str(path), "-q", "--report", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert (result["model"], result["policy"]) == ("tiny-mixed", "kvtrie-improved")
+    assert result["restore_failures"] == 1 and result["violations"] == []
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ({"event": "explode"}, "unknown event 'explode'"),
+        ({"event": "budget"}, "missing field 'budget_bytes'"),
+        ({"event": "fail_restores", "count": 0}, "count must be >= 1"),
+        ({"event": "corrupt", "start": 5, "end": 5}, "end must be >= 6"),
+    ],
+)
+def test_bad_events(tmp_path, line, message):
+    path = write_lines(tmp_path / "bad.jsonl", [HEADER, line])
+    with pytest.raises(TraceError, match=message):
+        load_trace(path)
