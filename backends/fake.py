@@ -499,10 +499,11 @@ class FakeBackend:
             digest = hash((digest, layer.offset, layer.digest()))
         return digest
 
-    def generate(self, layers: Sequence[FakeLayer], logits: int, count: int) -> np.ndarray:
+    def generate(self, layers: Sequence[FakeLayer], logits: int | None, count: int) -> np.ndarray:
         """Tokens drawn from the state digest (a function of the prefix, as greedy decoding is),
         all but the last evaluated in one batch."""
-        draws = mix64(np.arange(max(count, 0), dtype=np.int64), logits & ((1 << 63) - 1))
+        seed = 0 if logits is None else logits & ((1 << 63) - 1)
+        draws = mix64(np.arange(max(count, 0), dtype=np.int64), seed)
         tokens = (draws % _U64(self.vocab_size)).astype(np.int32)
         if count > 1:
             self.evaluate(layers, tokens[:-1])
@@ -522,7 +523,15 @@ class FakeBackend:
                 )
         return None
 
-    def logits_mismatch(self, prompt: np.ndarray, logits: int) -> str | None:
+    def unaccounted(self, held: int) -> str | None:
+        """I5: every snapshot this backend made is held by the trie or closed, once."""
+        if self.ledger.closed_twice:
+            return f"{self.ledger.closed_twice} snapshots were closed twice"
+        if len(self.ledger.open) != held:
+            return f"{len(self.ledger.open)} snapshots are open but the trie holds {held}"
+        return None
+
+    def logits_mismatch(self, prompt: np.ndarray, logits: int | None) -> str | None:
         """I9 after prefill: the digest of the live state equals a fresh prefill's, exactly."""
         fresh = self.evaluate(self.new_layers(), prompt)
         if fresh != logits:

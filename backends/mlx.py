@@ -449,12 +449,14 @@ class MLXBackend:
                 layer.advance(len(chunk))
         return logits
 
-    def generate(self, layers: Sequence[MLXLayer], logits: mx.array, count: int) -> np.ndarray:
+    def generate(
+        self, layers: Sequence[MLXLayer], logits: mx.array | None, count: int
+    ) -> np.ndarray:
         """Greedy decoding: every token but the last is evaluated, as a server does."""
-        out = np.empty(max(count, 0), dtype=np.int32)
-        for i in range(count):
+        out = np.empty(max(count, 0) if logits is not None else 0, dtype=np.int32)
+        for i in range(len(out)):
             out[i] = int(mx.argmax(logits).item())
-            if i < count - 1:
+            if i < len(out) - 1:
                 logits = self.evaluate(layers, out[i : i + 1])
         return out
 
@@ -476,9 +478,15 @@ class MLXBackend:
                 )
         return None
 
+    def unaccounted(self, held: int) -> str | None:
+        """MLX arrays are freed by reference counting; there is no ledger to compare."""
+        return None
+
     def logits_mismatch(self, prompt: np.ndarray, logits: mx.array | None) -> str | None:
         """I9 after prefill: the live logits equal a fresh full prefill's within tolerance."""
         fresh = self.fresh_logits(prompt)
+        if logits is None:
+            return "no logits: the request evaluated no token"
         diff = float(mx.abs(fresh - logits).max())
         self.max_logit_diff = max(self.max_logit_diff, diff)
         if diff > LOGIT_TOLERANCE:

@@ -273,6 +273,7 @@ class Checker:
         cache.ledger.take_touched()
         cache.ledger.take_evictions()
         self._bytes: dict[Node, int] = {}
+        self._counts: dict[Node, int] = {}
         self._tally = 0
         for node in walk(cache.root):
             self._record(node, [])
@@ -283,13 +284,24 @@ class Checker:
             return node is self.cache.root
         return len(node.tokens) > 0 and parent.children.get(int(node.tokens[0])) is node
 
+    @property
+    def held_snapshots(self) -> int:
+        """How many snapshots the trie holds, by the checker's own count."""
+        return sum(self._counts.values())
+
     def _record(self, node: Node, out: list[Violation]) -> None:
         held = _check_node(node, self.cache.layers, out)
         self._tally += held - self._bytes.get(node, 0)
         if node.snapshots is not None:
             self._bytes[node] = held
+            self._counts[node] = sum(s is not None for s in node.snapshots)
         else:
             self._bytes.pop(node, None)
+            self._counts.pop(node, None)
+
+    def _forget(self, node: Node) -> None:
+        self._tally -= self._bytes.pop(node, 0)
+        self._counts.pop(node, None)
 
     def check(self, session: Session | None = None) -> list[Violation]:
         out: list[Violation] = []
@@ -298,7 +310,7 @@ class Checker:
             if self._attached(node):
                 self._record(node, out)
             else:
-                self._tally -= self._bytes.pop(node, 0)
+                self._forget(node)
         _check_tally(self.cache, self._tally, out)
         if (
             self.cache.budget_bytes is not None

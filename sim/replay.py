@@ -96,7 +96,12 @@ def replay(
             break
         prompt = resolve_prompt(request, history, backend.vocab_size)
         outcome.ideal_cached_tokens += ideal.cached(prompt)
-        result = runner.run(prompt, request.outputs, request.user_snapshots)
+        try:
+            result = runner.run(prompt, request.outputs, request.user_snapshots)
+        except AssertionError as exc:  # the cache caught itself inconsistent mid-operation
+            stop_at(request.id, request.line, [Violation("ASSERT", str(exc))])
+            outcome.stopped_early = stopped = True
+            break
         outcome.requests += 1
         outcome.output_tokens += len(result.outputs)
         ideal.insert(np.concatenate([prompt, result.outputs[:-1]]))

@@ -130,6 +130,9 @@ class RequestRunner:
     def _structural(self, session: Session | None) -> list[Violation]:
         assert self.checker is not None
         found = self.checker.check(session)
+        why = self.backend.unaccounted(self.checker.held_snapshots)
+        if why is not None:
+            found.append(Violation("I5", why))
         if self.mode.full:  # the whole trie too; report what either finds, once
             found += [v for v in check(self.cache, session) if v not in found]
         return found

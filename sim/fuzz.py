@@ -1,0 +1,285 @@
+"""Stateful fuzzing of the cache against a trivially correct oracle, with Hypothesis.
+
+The machine serves conversations that share prefixes on purpose (a Bundle of everything
+evaluated so far), branches from earlier turns, marks user restore points, moves the budget
+down to zero, and injects restore failures and corrupt snapshots. After every step it checks
+every structural invariant, the oracle (the live state equals a fresh prefill), that no
+snapshot leaked or was closed twice, and that no restore failed without an injected fault.
+A failure is shrunk by Hypothesis and written as a kvtrie trace that ``kvtrie replay``
+reproduces exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hypothesis import HealthCheck, seed, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    get_state_machine_test,
+    initialize,
+    precondition,
+    rule,
+)
+from kvtrie.core.prefix_cache import POLICIES, PrefixCache
+from kvtrie.core.trie import walk
+
+from .mutants import mutated
+from .runner import CheckMode, RequestRunner
+from .traces import Event, write_trace
+
+__all__ = ["FuzzConfig", "FuzzResult", "PROFILES", "run_fuzz"]
+
+ALPHABET = 5  # few distinct tokens, so prompts collide and edges split
+PROFILES = {
+    # name: (fake examples, mlx examples, steps)
+    "quick": (300, 24, 25),
+    "nightly": (10_000, 500, 40),
+}
+
+
+@dataclass(frozen=True)
+class FuzzConfig:
+    backend: str = "fake"
+    model: str | None = None
+    examples: int = 300
+    steps: int = 25
+    seed: int | None = None
+    mutant: str | None = None
+    time_limit: float | None = None
+    out_dir: Path = Path("tests/regressions")
+    progress: bool = False
+
+    @property
+    def model_name(self) -> str:
+        return self.model or ("tiny-mixed" if self.backend == "fake" else "tiny-hybrid")
+
+
+@dataclass
+class FuzzResult:
+    config: FuzzConfig
+    examples: int = 0
+    steps: int = 0
+    shapes: set[int] = field(default_factory=set)
+    max_depth: int = 0
+    splits: int = 0
+    merges: int = 0
+    evictions: int = 0
+    restore_failures: int = 0
+    seconds: float = 0.0
+    failure: str | None = None
+    regression_trace: str | None = None
+    shrunk_requests: int = 0
+
+
+def _budgets(bytes_per_token: int) -> list[int | None]:
+    """Budgets from unbounded down to zero, scaled to the model's cache size."""
+    return [None, 0, 4 * bytes_per_token, 24 * bytes_per_token, 96 * bytes_per_token]
+
+
+def _make_backend(config: FuzzConfig) -> Callable[[], Any]:
+    """A factory of fresh backends; an MLX model is built once and its faults reset."""
+    if config.backend == "fake":
+        from kvtrie.backends.fake import FakeBackend
+        from kvtrie.backends.profiles import get_profile
+
+        profile = get_profile(config.model_name)
+        return lambda: FakeBackend(profile)
+    from kvtrie.backends.base import Faults
+    from kvtrie.backends.mlx import MLXBackend
+
+    shared = MLXBackend.from_name(config.model_name)
+
+    def fresh() -> MLXBackend:
+        shared.faults = Faults()
+        return shared
+
+    return fresh
+
+
+def _token_bytes(backend: Any) -> int:
+    """Paged-out bytes per token of this backend's attention layers (for budget scales)."""
+    layers = backend.new_layers()
+    backend.evaluate(layers, np.ones(4, dtype=np.int32))
+    return max(1, sum(layer.nbytes for layer in layers) // 4)
+
+
+def _machine(
+    config: FuzzConfig, result: FuzzResult, last: dict[str, Any], tick: Callable[[], Any]
+) -> type:
+    new_backend = _make_backend(config)
+    scale = _token_bytes(new_backend())
+    budgets = _budgets(scale)
+    deadline = None if config.time_limit is None else time.monotonic() + config.time_limit
+    tokens = st.lists(st.integers(1, ALPHABET), min_size=1, max_size=10)
+    outputs = st.lists(st.integers(1, ALPHABET), min_size=0, max_size=3)
+
+    class CacheMachine(RuleBasedStateMachine):
+        histories = Bundle("histories")
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[dict[str, Any]] = []
+            self.idle = deadline is not None and time.monotonic() > deadline
+            last["machine"] = self
+            result.examples += 1
+            tick()
+
+        @initialize(policy=st.sampled_from(sorted(POLICIES)))
+        def start(self, policy: str) -> None:
+            self.policy = policy
+            self.backend = new_backend()
+            self.cache = PrefixCache(
+                self.backend.new_layers(), budget_bytes=None, policy=POLICIES[policy]
+            )
+            self.runner = RequestRunner(self.backend, self.cache, CheckMode(full=True))
+
+        def _serve(self, prompt: list[int], out: list[int], mark: int | None) -> list[int]:
+            if self.idle:
+                return prompt
+            marks = [mark] if mark else []
+            line: dict[str, Any] = {"id": f"r{len(self.lines)}", "prompt": prompt, "output": out}
+            if marks:
+                line["user_snapshots"] = marks
+            self.lines.append(line)
+            found = self.runner.run(np.asarray(prompt, dtype=np.int32), out, marks).violations
+            self._collect()
+            assert not found, "; ".join(map(str, found))
+            return prompt + out
+
+        def _apply(self, event: Event) -> None:
+            if self.idle:
+                return
+            self.lines.append(event.as_line())
+            found = self.runner.apply(event)
+            self._collect()
+            assert not found, "; ".join(map(str, found))
+
+        def _collect(self) -> None:
+            result.steps += 1
+            nodes = list(walk(self.cache.root))
+            result.shapes.add(hash(tuple(sorted((n.start, n.end) for n in nodes))))
+            result.max_depth = max(result.max_depth, len(self.cache.active_path) - 1)
+
+        @rule(target=histories, prompt=tokens, out=outputs, mark=st.none() | st.integers(1, 10))
+        def new_conversation(self, prompt, out, mark):
+            return self._serve(prompt, out, mark if mark and mark <= len(prompt) else None)
+
+        @rule(target=histories, base=histories, extra=tokens, out=outputs)
+        def continue_conversation(self, base, extra, out):
+            return self._serve(base + extra, out, None)
+
+        @rule(
+            target=histories,
+            base=histories,
+            cut=st.integers(0, 30),
+            extra=st.lists(st.integers(1, ALPHABET), max_size=4),
+            out=outputs,
+            mark=st.none() | st.integers(1, 30),
+        )
+        def branch(self, base, cut, extra, out, mark):
+            """Edit (new tokens after a cut) or regenerate (the same prefix again)."""
+            prompt = base[: max(1, min(cut, len(base)))] + extra
+            return self._serve(prompt, out, mark if mark and mark <= len(prompt) else None)
+
+        @rule(budget=st.sampled_from(budgets))
+        def set_budget(self, budget):
+            self._apply(Event("budget", 0, budget_bytes=budget))
+
+        @rule()
+        def fail_next_restore(self):
+            self._apply(Event("fail_restores", 0, count=1))
+
+        @precondition(lambda self: any(n.has_snapshots() for n in walk(self.cache.root)))
+        @rule(data=st.data())
+        def corrupt_snapshots(self, data):
+            nodes = sorted((n.start, n.end) for n in walk(self.cache.root) if n.has_snapshots())
+            start, end = data.draw(st.sampled_from(nodes))
+            self._apply(Event("corrupt", 0, start=start, end=end))
+
+        def teardown(self):
+            if hasattr(self, "cache"):
+                stats = self.cache.stats
+                result.splits += stats.splits
+                result.merges += stats.merges
+                result.evictions += stats.evictions
+                result.restore_failures += stats.restore_failures
+
+    CacheMachine.TestCase.settings = settings(
+        max_examples=config.examples,
+        stateful_step_count=config.steps,
+        deadline=None,
+        database=None,
+        report_multiple_bugs=False,
+        suppress_health_check=list(HealthCheck),
+        derandomize=config.seed is None,
+        print_blob=False,
+    )
+    return CacheMachine
+
+
+def _write_regression(config: FuzzConfig, machine: Any, failure: str) -> Path:
+    lines = machine.lines
+    digest = hashlib.sha256(json.dumps(lines).encode()).hexdigest()[:10]
+    name = f"{config.mutant or config.backend}-{digest}.jsonl"
+    header = {
+        "backend": config.backend,
+        "profile": config.model_name,
+        "policy": getattr(machine, "policy", "kvtrie-seed"),
+        "budget_bytes": None,
+        "found_by": "kvtrie fuzz",
+        "mutant": config.mutant,
+        "failure": failure.splitlines()[0][:500],
+    }
+    path = config.out_dir / name
+    write_trace(path, header, lines)
+    return path
+
+
+def run_fuzz(config: FuzzConfig) -> FuzzResult:
+    """Run the state machine; on a failure, write the shrunk example as a regression trace."""
+    from tqdm import tqdm
+
+    result = FuzzResult(config)
+    last: dict[str, Any] = {}
+    started = time.monotonic()
+    bar = tqdm(
+        total=config.examples,
+        desc=config.mutant or "fuzz",
+        unit="ex",
+        leave=False,
+        disable=None if config.progress else True,
+    )
+    core_log = logging.getLogger("kvtrie.core")
+    level = core_log.level
+    core_log.setLevel(logging.ERROR)  # injected faults make expected restore warnings
+    with mutated(config.mutant):
+        machine = _machine(config, result, last, bar.update)
+        test = get_state_machine_test(machine, settings=machine.TestCase.settings)
+        if config.seed is not None:
+            test = seed(config.seed)(test)
+        try:
+            test()
+        except Exception as exc:  # a failing example, already shrunk by Hypothesis
+            result.failure = f"{type(exc).__name__}: {exc}"
+            if "machine" in last:
+                path = _write_regression(config, last["machine"], result.failure)
+                result.regression_trace = str(path)
+                result.shrunk_requests = sum(
+                    1 for line in last["machine"].lines if "prompt" in line
+                )
+        finally:
+            core_log.setLevel(level)
+            bar.close()
+    result.seconds = time.monotonic() - started
+    return result
