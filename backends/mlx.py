@@ -613,3 +613,57 @@ class MLXPromptCache:
         for layer in self.cache.layers:
             layer.advance(evaluated)
         session.close(list(generated))
+
+
+class _CountedEntry:
+    """Stands in for one layer's mlx-lm cache inside LRUPromptCache when only its size and
+    trimming matter (the workload is simulated): nbytes, is_trimmable, trim."""
+
+    def __init__(self, tokens: int, per_token: int, fixed: int, trimmable: bool) -> None:
+        self.offset, self.per_token, self.fixed, self.trimmable = (
+            tokens,
+            per_token,
+            fixed,
+            trimmable,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return self.offset * self.per_token + self.fixed
+
+    def is_trimmable(self) -> bool:
+        return self.trimmable
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+
+def lru_prompt_cache_counts(
+    workload: Sequence[tuple[np.ndarray, np.ndarray]],
+    per_token: int,
+    per_sequence: int,
+    recurrent: bool,
+    budget: int | None,
+) -> tuple[int, int]:
+    """(cached tokens, peak bytes) of mlx-lm's own LRUPromptCache class over a simulated
+    workload: the real class decides what it keeps and reuses; entries only carry sizes."""
+    from mlx_lm.models.cache import LRUPromptCache
+
+    store = LRUPromptCache(max_size=1 << 30, max_bytes=(1 << 62) if budget is None else budget)
+    cached = peak = 0
+    for prompt, evaluated in workload:
+        tokens = prompt.tolist()
+        entry, rest = store.fetch_nearest_cache("model", tokens)
+        reuse = 0 if entry is None else len(tokens) - len(rest)
+        if entry is not None and not rest and recurrent:
+            reuse = 0  # an exact hit can't give its last token back
+        cached += min(reuse, len(tokens) - 1)
+        store.insert_cache(
+            "model",
+            evaluated.tolist(),
+            [_CountedEntry(len(evaluated), per_token, per_sequence, not recurrent)],
+        )
+        peak = max(peak, store.nbytes)
+    return cached, peak

@@ -1,0 +1,358 @@
+"""Peer prompt-cache policies, simulated over the same workload and byte budget as kvtrie.
+
+Each peer serves ``(prompt, evaluated)`` pairs (evaluated = prompt + outputs but the last) and
+returns the prompt tokens it reuses, keeping at least one token to evaluate. Bytes are the
+model profile's attention bytes per token; a peer that stores whole sequences (single entry,
+mlx-lm, llama.cpp) also pays the recurrent state once per stored sequence.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from kvtrie.core.trie import common_prefix_length
+
+from .ideal import IdealPrefixes
+
+__all__ = ["PEERS", "BLOCK", "Workload", "make_peer", "block_hashes"]
+
+Workload = Sequence[tuple[np.ndarray, np.ndarray]]
+BLOCK = 16  # vLLM's default block size, also the granularity of the Belady bound
+
+
+@dataclass
+class Costs:
+    """What one stored token and one stored sequence cost, from the model profile."""
+
+    per_token: int
+    per_sequence: int = 0
+    recurrent: bool = False
+
+
+class Peer:
+    name = ""
+
+    def __init__(self, budget: int | None, costs: Costs) -> None:
+        self.budget = budget
+        self.costs = costs
+        self.bytes = 0
+        self.peak_bytes = 0
+
+    def fits(self, nbytes: int) -> bool:
+        return self.budget is None or nbytes <= self.budget
+
+    def account(self, nbytes: int) -> None:
+        self.bytes = nbytes
+        self.peak_bytes = max(self.peak_bytes, nbytes)
+
+    def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
+        raise NotImplementedError
+
+
+class NoCache(Peer):
+    name = "none"
+
+    def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
+        return 0
+
+
+class Ideal(Peer):
+    """Unbounded: the longest prefix any earlier request evaluated."""
+
+    name = "ideal"
+
+    def __init__(self, budget: int | None, costs: Costs) -> None:
+        super().__init__(None, costs)
+        self.trie = IdealPrefixes()
+
+    def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
+        cached = self.trie.cached(prompt)
+        self.trie.insert(evaluated)
+        return cached
+
+
+class SingleEntry(Peer):
+    """The design the trie replaced: one sequence, trimmed to the common prefix, freed on a
+    miss."""
+
+    name = "single-entry"
+
+    def __init__(self, budget: int | None, costs: Costs) -> None:
+        super().__init__(budget, costs)
+        self.tokens = np.empty(0, dtype=np.int32)
+
+    def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
+        common = common_prefix_length(self.tokens, prompt)
+        if self.costs.recurrent and common < len(self.tokens):
+            common = 0  # a recurrent state can't be trimmed
+        cached = min(common, len(prompt) - 1)
+        size = len(evaluated) * self.costs.per_token + self.costs.per_sequence
+        self.tokens = evaluated if self.fits(size) else np.empty(0, dtype=np.int32)
+        self.account(size if len(self.tokens) else 0)
+        return cached
+
+
+class WholeSequences(Peer):
+    """mlx-lm's server prompt cache: whole evaluated sequences, LRU by sequence. A trimmable
+    (attention) cache reuses the common prefix with any stored sequence; a recurrent one only
+    a stored sequence that is a prefix of the prompt. Storing a sequence drops its stored
+    prefixes (attention models)."""
+
+    name = "mlx-lm"
+
+    def __init__(self, budget: int | None, costs: Costs) -> None:
+        super().__init__(budget, costs)
+        self.entries: OrderedDict[bytes, np.ndarray] = OrderedDict()
+
+    def _size(self, tokens: np.ndarray) -> int:
+        return len(tokens) * self.costs.per_token + self.costs.per_sequence
+
+    def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
+        best, best_key = 0, None
+        for key, tokens in self.entries.items():
+            common = common_prefix_length(tokens, prompt)
+            if self.costs.recurrent and common < len(tokens):
+                continue
+            if common > best:
+                best, best_key = common, key
+        if best_key is not None:
+            self.entries.move_to_end(best_key)
+        if not self.costs.recurrent:
+            for key in [
+                k
+                for k, t in self.entries.items()
+                if len(t) <= len(evaluated) and common_prefix_length(t, evaluated) == len(t)
+            ]:
+                del self.entries[key]
+        self.entries[evaluated.tobytes()] = evaluated
+        total = sum(self._size(t) for t in self.entries.values())
+        while not self.fits(total) and self.entries:
+            _, dropped = self.entries.popitem(last=False)
+            total -= self._size(dropped)
+        self.account(total)
+        return min(best, len(prompt) - 1)
+
+
+@dataclass(eq=False)
+class _Radix:
+    tokens: np.ndarray
+    parent: _Radix | None = None
+    children: dict[int, _Radix] = field(default_factory=dict)
+    last_used: int = 0
+
+
+class RadixCache(Peer):
+    """SGLang's RadixCache: a radix tree of tokens; leaves evicted least recently used first;
+    the request being served is locked."""
+
+    name = "sglang-radix"
+
+    def __init__(self, budget: int | None, costs: Costs) -> None:
+        super().__init__(budget, costs)
+        self.root = _Radix(np.empty(0, dtype=np.int32))
+        self.tokens = 0
+        self.clock = 0
+
+    def _walk(self, tokens: np.ndarray) -> tuple[list[_Radix], int]:
+        path, pos, node = [self.root], 0, self.root
+        while pos < len(tokens):
+            child = node.children.get(int(tokens[pos]))
+            if child is None:
+                break
+            n = common_prefix_length(child.tokens, tokens[pos:])
+            if n < len(child.tokens):  # split, so the match ends on a node boundary
+                head = _Radix(
+                    child.tokens[:n], node, {int(child.tokens[n]): child}, child.last_used
+                )
+                node.children[int(child.tokens[0])] = head
+                child.tokens, child.parent = child.tokens[n:], head
+                child = head
+            path.append(child)
+            pos += n
+            node = child
+        return path, pos
+
+    def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
+        self.clock += 1
+        _, matched = self._walk(prompt)
+        path, pos = self._walk(evaluated)
+        if pos < len(evaluated):
+            leaf = _Radix(evaluated[pos:].copy(), path[-1])
+            path[-1].children[int(evaluated[pos])] = leaf
+            path.append(leaf)
+            self.tokens += len(evaluated) - pos
+        for node in path:
+            node.last_used = self.clock
+        self._evict({id(n) for n in path})
+        self.account(self.tokens * self.costs.per_token)
+        return min(matched, len(prompt) - 1)
+
+    def _evict(self, locked: set[int]) -> None:
+        if self.fits(self.tokens * self.costs.per_token):
+            return
+        leaves = [(n.last_used, id(n), n) for n in self._nodes() if not n.children and n.parent]
+        heapq.heapify(leaves)
+        while leaves and not self.fits(self.tokens * self.costs.per_token):
+            _, _, leaf = heapq.heappop(leaves)
+            if id(leaf) in locked:
+                continue
+            parent = leaf.parent
+            del parent.children[int(leaf.tokens[0])]
+            self.tokens -= len(leaf.tokens)
+            if parent.parent is not None and not parent.children:
+                heapq.heappush(leaves, (parent.last_used, id(parent), parent))
+
+    def _nodes(self) -> list[_Radix]:
+        out, stack = [], [self.root]
+        while stack:
+            node = stack.pop()
+            out.append(node)
+            stack.extend(node.children.values())
+        return out
+
+
+def block_hashes(tokens: np.ndarray) -> list[int]:
+    """Chained hashes of the full 16-token blocks: each names its whole prefix."""
+    from kvtrie.backends.fake import prefix_hashes  # the same vectorised rolling hash
+
+    full = len(tokens) // BLOCK * BLOCK
+    if not full:
+        return []
+    return [int(h) for h in prefix_hashes(0, tokens[:full], salt=0x5151)[BLOCK - 1 :: BLOCK]]
+
+
+class BlockLRU(Peer):
+    """vLLM prefix caching: full blocks keyed by chained hashes, an LRU queue of free blocks
+    (a finished request's blocks are queued tail first), the last prompt token recomputed."""
+
+    name = "vllm-blocks"
+
+    def __init__(self, budget: int | None, costs: Costs) -> None:
+        super().__init__(budget, costs)
+        self.blocks: OrderedDict[int, None] = OrderedDict()
+        self.capacity = None if budget is None else budget // (BLOCK * costs.per_token)
+
+    def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
+        hits = 0
+        for h in block_hashes(prompt[:-1]):
+            if h not in self.blocks:
+                break
+            hits += 1
+        for h in reversed(block_hashes(evaluated)):  # tail blocks queue first, go first
+            self.blocks[h] = None
+            self.blocks.move_to_end(h)
+        if self.capacity is not None:
+            while len(self.blocks) > self.capacity:
+                self.blocks.popitem(last=False)
+        self.account(len(self.blocks) * BLOCK * self.costs.per_token)
+        return hits * BLOCK
+
+
+class Slots(Peer):
+    """llama.cpp's server: a few slots each holding one sequence (the most similar is picked,
+    else the least recently used), and a host prompt cache of saved slot sequences within the
+    byte budget."""
+
+    name = "llamacpp-slots"
+    SLOTS = 4
+
+    def __init__(self, budget: int | None, costs: Costs) -> None:
+        super().__init__(budget, costs)
+        self.slots = [np.empty(0, dtype=np.int32) for _ in range(self.SLOTS)]
+        self.used = [0] * self.SLOTS
+        self.saved: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self.clock = 0
+
+    def _reuse(self, tokens: np.ndarray, prompt: np.ndarray) -> int:
+        common = common_prefix_length(tokens, prompt)
+        return 0 if self.costs.recurrent and common < len(tokens) else common
+
+    def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
+        self.clock += 1
+        scores = [self._reuse(s, prompt) for s in self.slots]
+        slot = int(np.argmax(scores)) if max(scores) > 0 else int(np.argmin(self.used))
+        cached = scores[slot]
+        best_saved = max(self.saved.values(), key=lambda t: self._reuse(t, prompt), default=None)
+        if best_saved is not None and self._reuse(best_saved, prompt) > cached:
+            cached = self._reuse(best_saved, prompt)
+        if scores[slot] == 0 and len(self.slots[slot]):
+            self._save(self.slots[slot])
+        self.slots[slot], self.used[slot] = evaluated, self.clock
+        return min(cached, len(prompt) - 1)
+
+    def _save(self, tokens: np.ndarray) -> None:
+        self.saved[tokens.tobytes()] = tokens
+        total = sum(
+            len(t) * self.costs.per_token + self.costs.per_sequence for t in self.saved.values()
+        )
+        while not self.fits(total) and self.saved:
+            _, dropped = self.saved.popitem(last=False)
+            total -= len(dropped) * self.costs.per_token + self.costs.per_sequence
+        self.account(total)
+
+
+class Belady(Peer):
+    """The offline bound: 16-token blocks, evicting the block whose next use is farthest in
+    the future (blocks named by chained hashes, so a block is only useful after its prefix)."""
+
+    name = "belady"
+
+    def __init__(self, budget: int | None, costs: Costs, workload: Workload) -> None:
+        super().__init__(budget, costs)
+        self.capacity = None if budget is None else budget // (BLOCK * costs.per_token)
+        self.uses: dict[int, list[int]] = {}
+        for index, (prompt, _) in enumerate(workload):
+            for h in block_hashes(prompt[:-1]):
+                self.uses.setdefault(h, []).append(index)
+        for times in self.uses.values():
+            times.reverse()  # pop() gives the next use
+        self.cached: dict[int, int] = {}  # hash -> block position (depth)
+        # (-next use, -depth, hash), lazily stale. A block's next use is never after its
+        # children's (they need it), and ties go deeper first, so prefixes outlive suffixes.
+        self.heap: list[tuple[int, int, int]] = []
+        self.index = 0
+
+    def _next_use(self, h: int) -> int:
+        times = self.uses.get(h)
+        while times and times[-1] <= self.index:
+            times.pop()
+        return times[-1] if times else 1 << 62
+
+    def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
+        hits = 0
+        for h in block_hashes(prompt[:-1]):
+            if h not in self.cached:
+                break
+            hits += 1
+        blocks = block_hashes(evaluated)
+        self.index += 1
+        for depth, h in enumerate(blocks):
+            self.cached[h] = depth
+            heapq.heappush(self.heap, (-self._next_use(h), -depth, h))
+        if self.capacity is not None:
+            while len(self.cached) > self.capacity and self.heap:
+                negative, depth, h = heapq.heappop(self.heap)
+                if h not in self.cached:
+                    continue
+                if -negative == self._next_use(h):
+                    del self.cached[h]
+                else:  # its next use moved on: queue it again with the right one
+                    heapq.heappush(self.heap, (-self._next_use(h), depth, h))
+        self.account(len(self.cached) * BLOCK * self.costs.per_token)
+        return hits * BLOCK
+
+
+PEERS = {
+    cls.name: cls
+    for cls in (NoCache, SingleEntry, WholeSequences, RadixCache, BlockLRU, Slots, Ideal, Belady)
+}
+
+
+def make_peer(name: str, budget: int | None, costs: Costs, workload: Workload) -> Peer:
+    if name == "belady":
+        return Belady(budget, costs, workload)
+    return PEERS[name](budget, costs)

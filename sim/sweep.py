@@ -1,0 +1,323 @@
+"""Budget sweeps: every policy at every budget over one trace, in parallel, with plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kvtrie.backends.fake import FakeBackend
+from kvtrie.backends.profiles import ModelProfile
+from kvtrie.core.prefix_cache import POLICIES, PrefixCache
+from kvtrie.core.protocols import LayerKind
+from kvtrie.core.render import format_bytes
+
+from .peers import Costs, Workload, make_peer
+from .runner import CheckMode, RequestRunner
+from .traces import Trace, resolve_prompt, write_atomic
+
+__all__ = ["ALL_POLICIES", "SweepRow", "materialize", "run_sweep", "write_sweep"]
+
+KVTRIE_POLICIES = ("kvtrie-seed", "kvtrie-improved")
+ALL_POLICIES = (
+    "none",
+    "single-entry",
+    "mlx-lm",
+    "mlx-lm-real",
+    "sglang-radix",
+    "vllm-blocks",
+    "llamacpp-slots",
+    "ideal",
+    "belady",
+    *KVTRIE_POLICIES,
+)
+REAL_MLXLM_TOKEN_LIMIT = 5_000_000  # its token-per-dict-level trie outgrows memory beyond this
+TIMELINE_POINTS = 400
+
+
+@dataclass
+class SweepRow:
+    policy: str
+    budget_bytes: int | None
+    hit_ratio: float
+    cached_tokens: int
+    computed_tokens: int
+    peak_bytes: int
+    wall_seconds: float
+    note: str = ""
+
+
+def materialize(trace: Trace, profile: ModelProfile) -> Workload:
+    """Every request's prompt and evaluated tokens (prompt + outputs but the last); outputs
+    given only as a length are the fake model's, from a fresh prefill."""
+    backend = FakeBackend(profile)
+    history: dict[str, np.ndarray] = {}
+    workload = []
+    for request in trace.requests:
+        prompt = resolve_prompt(request, history, profile.vocab_size)
+        if isinstance(request.outputs, int):
+            layers = backend.new_layers()
+            outputs = backend.generate(layers, backend.evaluate(layers, prompt), request.outputs)
+        else:
+            outputs = np.asarray(request.outputs, dtype=np.int32)
+        if request.id in trace.referenced:
+            history[request.id] = np.concatenate([prompt, outputs])
+        workload.append((prompt, np.concatenate([prompt, outputs[:-1]])))
+    return workload
+
+
+def costs_of(profile: ModelProfile) -> Costs:
+    recurrent = [s for s in profile.layers if s.kind is LayerKind.RECURRENT]
+    return Costs(
+        per_token=max(1, profile.bytes_per_token),
+        per_sequence=sum(s.count * s.state_bytes for s in recurrent),
+        recurrent=bool(recurrent),
+    )
+
+
+def _run_kvtrie(policy: str, budget: int | None, profile: ModelProfile, workload: Workload):
+    backend = FakeBackend(profile)
+    cache = PrefixCache(backend.new_layers(), budget_bytes=budget, policy=POLICIES[policy])
+    runner = RequestRunner(backend, cache, CheckMode(every=0))
+    every = max(1, len(workload) // TIMELINE_POINTS)
+    timeline = []
+    for index, (prompt, evaluated) in enumerate(workload):
+        # forced outputs: the evaluated ones, then a last one that is never evaluated
+        runner.run(prompt, np.append(evaluated[len(prompt) :], 0))
+        if index % every == 0:
+            timeline.append((index, cache.paged_out_bytes))
+    return cache.stats.cached_tokens, cache.ledger.peak, timeline
+
+
+def _cell(args: tuple[str, int | None, ModelProfile, Workload]) -> tuple[SweepRow, list]:
+    policy, budget, profile, workload = args
+    started = time.perf_counter()
+    prompt_tokens = sum(len(p) for p, _ in workload)
+    timeline: list = []
+    note = ""
+    if policy in KVTRIE_POLICIES:
+        cached, peak, timeline = _run_kvtrie(policy, budget, profile, workload)
+    elif policy == "mlx-lm-real":
+        costs = costs_of(profile)
+        try:
+            from kvtrie.backends.mlx import lru_prompt_cache_counts
+        except ImportError:
+            return SweepRow(
+                policy, budget, 0.0, 0, prompt_tokens, 0, 0.0, "mlx-lm not importable"
+            ), []
+        if prompt_tokens > REAL_MLXLM_TOKEN_LIMIT:
+            note = f"skipped: over {REAL_MLXLM_TOKEN_LIMIT:,} prompt tokens"
+            return SweepRow(policy, budget, 0.0, 0, prompt_tokens, 0, 0.0, note), []
+        cached, peak = lru_prompt_cache_counts(
+            workload, costs.per_token, costs.per_sequence, costs.recurrent, budget
+        )
+    else:
+        peer = make_peer(policy, budget, costs_of(profile), workload)
+        cached = sum(peer.serve(prompt, evaluated) for prompt, evaluated in workload)
+        peak = peer.peak_bytes
+    row = SweepRow(
+        policy,
+        budget,
+        cached / prompt_tokens if prompt_tokens else 0.0,
+        cached,
+        prompt_tokens - cached,
+        peak,
+        time.perf_counter() - started,
+        note,
+    )
+    return row, timeline
+
+
+def run_sweep(
+    workload: Workload,
+    profile: ModelProfile,
+    budgets: list[int | None],
+    policies: list[str],
+    processes: int | None = None,
+    progress: bool | None = None,
+) -> tuple[list[SweepRow], dict[str, list]]:
+    """Every (policy, budget) cell, on all cores; rows in policy then budget order."""
+    from tqdm import tqdm
+
+    unknown = [p for p in policies if p not in ALL_POLICIES]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; choose from {', '.join(ALL_POLICIES)}")
+    # ideal and none do not depend on the budget: one cell each
+    cells = [
+        (p, b, profile, workload)
+        for p in policies
+        for b in (budgets if p not in ("ideal", "none") else [None])
+    ]
+    # the longest cells first, so the pool is not left waiting on one at the end
+    cells.sort(key=lambda c: (c[0] not in ("belady", "vllm-blocks", *KVTRIE_POLICIES),))
+    rows, timelines = [], {}
+    workers = processes or os.cpu_count() or 1
+    bar = tqdm(
+        total=len(cells),
+        desc="sweep",
+        unit="cell",
+        disable=None if progress is None else not progress,
+    )
+    context = multiprocessing.get_context("fork") if hasattr(os, "fork") else None
+    if workers > 1 and context is not None:
+        with context.Pool(workers) as pool:
+            for row, timeline in pool.imap_unordered(_cell, cells):
+                rows.append(row)
+                if timeline:
+                    timelines[f"{row.policy}@{_budget_label(row.budget_bytes)}"] = timeline
+                bar.update(1)
+    else:
+        for cell in cells:
+            row, timeline = _cell(cell)
+            rows.append(row)
+            if timeline:
+                timelines[f"{row.policy}@{_budget_label(row.budget_bytes)}"] = timeline
+            bar.update(1)
+    bar.close()
+    order = {p: i for i, p in enumerate(policies)}
+    rows.sort(
+        key=lambda r: (order[r.policy], float("inf") if r.budget_bytes is None else r.budget_bytes)
+    )
+    return rows, timelines
+
+
+def _budget_label(budget: int | None) -> str:
+    return "inf" if budget is None else format_bytes(budget)
+
+
+def _markdown(rows: list[SweepRow], budgets: list[int | None]) -> str:
+    policies = list(dict.fromkeys(r.policy for r in rows))
+    head = "| policy | " + " | ".join(_budget_label(b) for b in budgets) + " |"
+    lines = [head, "|---" * (len(budgets) + 1) + "|"]
+    for policy in policies:
+        cells = []
+        for budget in budgets:
+            match = [
+                r
+                for r in rows
+                if r.policy == policy
+                and r.budget_bytes in (budget, None)
+                and (r.budget_bytes == budget or policy in ("ideal", "none"))
+            ]
+            cells.append(f"{match[0].hit_ratio:.4f}" if match and not match[0].note else "-")
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    return "hit ratio by budget\n\n" + "\n".join(lines) + "\n"
+
+
+def _plots(
+    out: Path, rows: list[SweepRow], budgets: list[int | None], timelines: dict, title: str
+) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = [b for b in budgets if b is not None]
+    inf_x = (max(finite) * 4) if finite else 1
+    written = []
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for policy in dict.fromkeys(r.policy for r in rows):
+        points = [
+            (inf_x if r.budget_bytes is None else r.budget_bytes, r.hit_ratio)
+            for r in rows
+            if r.policy == policy and not r.note
+        ]
+        if policy in ("ideal", "none") and points:
+            ax.axhline(
+                points[0][1],
+                linestyle=":",
+                color="gray" if policy == "none" else "black",
+                label=policy,
+            )
+            continue
+        points.sort()
+        if points:
+            ax.plot(*zip(*points), marker="o", label=policy)
+    ax.set_xscale("log")
+    ticks = finite + ([inf_x] if None in budgets else [])
+    ax.set_xticks(ticks, [_budget_label(b) for b in finite] + (["inf"] if None in budgets else []))
+    ax.set_xlabel("budget (paged-out bytes)")
+    ax.set_ylabel("hit ratio (cached / prompt tokens)")
+    ax.set_title(f"Hit ratio vs budget: {title}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "hit_ratio.png", dpi=110)
+    plt.close(fig)
+    written.append("hit_ratio.png")
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    policies = [p for p in dict.fromkeys(r.policy for r in rows)]
+    width = 0.8 / max(1, len(finite) + (None in budgets))
+    for j, budget in enumerate(budgets):
+        heights = []
+        for policy in policies:
+            match = [
+                r
+                for r in rows
+                if r.policy == policy
+                and (r.budget_bytes == budget or (policy in ("ideal", "none")))
+            ]
+            heights.append(match[0].computed_tokens / 1e6 if match and not match[0].note else 0)
+        ax.bar(np.arange(len(policies)) + j * width, heights, width, label=_budget_label(budget))
+    ax.set_xticks(
+        np.arange(len(policies)) + width * (len(budgets) - 1) / 2, policies, rotation=30, ha="right"
+    )
+    ax.set_ylabel("computed prompt tokens (millions)")
+    ax.set_title(f"Tokens each policy computes: {title}")
+    ax.legend(title="budget", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "computed_tokens.png", dpi=110)
+    plt.close(fig)
+    written.append("computed_tokens.png")
+
+    seed = {k: v for k, v in timelines.items() if k.startswith("kvtrie-seed@")}
+    if seed:
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        for label, timeline in seed.items():
+            x, y = zip(*timeline)
+            ax.plot(x, np.asarray(y) / 2**30, label=label.split("@")[1])
+        ax.set_xlabel("request")
+        ax.set_ylabel("paged-out bytes (GiB)")
+        ax.set_title(f"kvtrie-seed paged-out bytes over the trace: {title}")
+        ax.legend(title="budget", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "paged_out.png", dpi=110)
+        plt.close(fig)
+        written.append("paged_out.png")
+    return written
+
+
+def write_sweep(
+    out: Path,
+    meta: dict[str, Any],
+    rows: list[SweepRow],
+    budgets: list[int | None],
+    timelines: dict,
+) -> list[str]:
+    """sweep.json, sweep.csv, sweep.md and the PNG plots, each written whole."""
+    out.mkdir(parents=True, exist_ok=True)
+    records = [r.__dict__ for r in rows]
+    write_atomic(out / "sweep.json", json.dumps({**meta, "rows": records}, indent=2) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(records[0]))
+    writer.writeheader()
+    writer.writerows(records)
+    write_atomic(out / "sweep.csv", buffer.getvalue())
+    markdown = _markdown(rows, budgets)
+    write_atomic(out / "sweep.md", f"# kvtrie sweep: {meta['trace']}\n\n" + markdown)
+    return [
+        "sweep.json",
+        "sweep.csv",
+        "sweep.md",
+        *_plots(out, rows, budgets, timelines, Path(meta["trace"]).name),
+    ]
