@@ -297,9 +297,16 @@ class FakeKVCache(_FakeLayer):
                 tail.append(_Segment(segment.before, segment.tokens.copy(), segment.checksum))
             else:
                 k = cut - pos
-                values = prefix_hashes(segment.before, segment.tokens[:k], self.salt)
-                middle = int(values[-1])
-                head.append(_Segment(segment.before, segment.tokens[:k].copy(), middle))
+                values = prefix_hashes(segment.before, segment.tokens, self.salt)
+                middle = int(values[k - 1])
+                # A corrupt segment must stay detectably corrupt in both halves: the head's
+                # checksum would otherwise be recomputed from the damaged tokens and pass.
+                intact = int(values[-1]) == segment.checksum
+                head.append(
+                    _Segment(
+                        segment.before, segment.tokens[:k].copy(), middle if intact else middle ^ 1
+                    )
+                )
                 tail.append(_Segment(middle, segment.tokens[k:].copy(), segment.checksum))
             pos += n
         snapshot.close()

@@ -149,3 +149,15 @@ def test_generate_depends_on_the_prefix_and_advances_all_but_the_last(backend):
     assert all(layer.offset == 5 + 3 for layer in layers)
     other = backend.new_layers()
     assert list(backend.generate(other, backend.evaluate(other, np.arange(2, 7)), 4)) != list(out)
+
+
+def test_splitting_a_corrupt_kv_snapshot_keeps_both_halves_refused(backend):
+    # Found by the nightly fuzz run: the head's checksum was recomputed from the damaged
+    # tokens, so a corrupt snapshot split at a branch point restored a wrong state.
+    layer = backend.new_layers()[0]
+    layer.evaluate(np.arange(1, 11))
+    snap = layer.snapshot(0)
+    assert backend.faults.corrupt(snap)
+    head, tail = layer.split(snap, 4)
+    layer.free()
+    assert not layer.restore(head, 4)

@@ -1,0 +1,386 @@
+"""The regression gate: replay configured checks, compare with a committed baseline, and fail
+on a lower hit ratio, more computed tokens or memory, a slower replay, or any violation.
+
+Timings are compared as ratios to a reference replay run in the same invocation, never as
+absolute seconds: CI machines differ and are noisy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+from kvtrie.core.render import format_bytes
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 only
+    import tomli as tomllib
+
+__all__ = ["GateConfig", "GateError", "Check", "load_config", "run_gate"]
+
+CHECK_KEYS = {
+    "name",
+    "trace",
+    "backend",
+    "model",
+    "budget",
+    "policy",
+    "limit",
+    "quick",
+    "fuzz",
+    "examples",
+    "min_hit_ratio",
+    "max_computed_tokens",
+    "max_peak_paged_out_bytes",
+}
+
+
+MIN_TIMED_SECONDS = 0.5  # shorter replays are all noise on a shared CI machine
+
+
+class GateError(ValueError):
+    """Bad gate configuration, located by TOML key and line."""
+
+
+@dataclass
+class Check:
+    name: str
+    trace: str = ""
+    backend: str = "fake"
+    model: str = "llama-8b"
+    budget: str = "8GiB"
+    policy: str = "kvtrie-seed"
+    limit: int | None = None
+    quick: bool = True  # part of `kvtrie gate --quick`
+    fuzz: str | None = None  # "quick": a fuzz run instead of a replay
+    examples: int = 100
+    min_hit_ratio: float | None = None
+    max_computed_tokens: int | None = None
+    max_peak_paged_out_bytes: int | None = None
+
+
+@dataclass
+class GateConfig:
+    path: Path
+    baseline: Path
+    tolerance: float = 0.01
+    time_tolerance: float = 0.5
+    reference: Check = field(default_factory=lambda: Check("reference", trace="agent"))
+    checks: list[Check] = field(default_factory=list)
+
+
+def _line_of(text: str, key: str, table_index: int | None) -> int:
+    """The line of ``key`` (inside the table_index-th [[check]] when given), for errors."""
+    lines = text.splitlines()
+    start = 0
+    if table_index is not None:
+        headers = [i for i, ln in enumerate(lines) if ln.strip() == "[[check]]"]
+        start = headers[table_index] if table_index < len(headers) else 0
+    for i in range(start, len(lines)):
+        if re.match(rf"\s*{re.escape(key)}\s*=", lines[i]):
+            return i + 1
+    return start + 1
+
+
+def _check_from(table: dict[str, Any], index: int | None, text: str, where: str) -> Check:
+    def fail(key: str, message: str) -> GateError:
+        return GateError(f"{where}:{_line_of(text, key, index)}: {key}: {message}")
+
+    unknown = set(table) - CHECK_KEYS
+    if unknown:
+        key = sorted(unknown)[0]
+        raise fail(key, f"unknown key; known keys are {', '.join(sorted(CHECK_KEYS))}")
+    if "name" not in table:
+        raise GateError(f"{where}:{_line_of(text, '[[check]]', index)}: a check needs a name")
+    expected = {
+        "limit": int,
+        "examples": int,
+        "max_computed_tokens": int,
+        "max_peak_paged_out_bytes": int,
+        "min_hit_ratio": (int, float),
+        "quick": bool,
+    }
+    for key, kind in expected.items():
+        if key in table and (
+            not isinstance(table[key], kind) or (kind is int and isinstance(table[key], bool))
+        ):
+            raise fail(key, f"expected {getattr(kind, '__name__', 'a number')}, got {table[key]!r}")
+    for key in ("trace", "backend", "model", "budget", "policy", "fuzz", "name"):
+        if key in table and not isinstance(table[key], str):
+            raise fail(key, f"expected a string, got {table[key]!r}")
+    check = Check(**table)
+    if check.fuzz is None and not check.trace:
+        raise fail("name", 'a check needs a trace (or fuzz = "quick")')
+    if check.fuzz not in (None, "quick"):
+        raise fail("fuzz", f'only "quick" is supported, got {check.fuzz!r}')
+    from .cli import parse_size
+
+    try:
+        parse_size(check.budget)
+    except ValueError as exc:
+        raise fail("budget", str(exc)) from None
+    return check
+
+
+def load_config(path: Path) -> GateConfig:
+    """Read and validate gate.toml; errors name the key and its line."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise GateError(f"{path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise GateError(f"{path}: {exc}") from None
+    gate = data.get("gate", {})
+    config = GateConfig(
+        path=Path(path),
+        baseline=Path(path).parent / gate.get("baseline", "traces/baselines/gate.json"),
+    )
+    for key in ("tolerance", "time_tolerance"):
+        if key in gate:
+            value = gate[key]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise GateError(
+                    f"{path}:{_line_of(text, key, None)}: {key}: expected a number "
+                    f">= 0, got {value!r}"
+                )
+            setattr(config, key, float(value))
+    if "reference" in gate:
+        config.reference = _check_from(
+            {"name": "reference", **gate["reference"]}, None, text, str(path)
+        )
+    checks = data.get("check", [])
+    if not checks:
+        raise GateError(f"{path}: no [[check]] tables")
+    config.checks = [_check_from(t, i, text, str(path)) for i, t in enumerate(checks)]
+    names = [c.name for c in config.checks]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise GateError(f"{path}: two checks are named {dup!r}")
+    return config
+
+
+def _replay_metrics(check: Check, root: Path) -> dict[str, Any]:
+    from .cli import make_backend, make_cache, make_policy, parse_size, trace_path
+    from .replay import replay
+    from .runner import CheckMode
+    from .traces import load_trace
+
+    backend = make_backend(check.backend, check.model)
+    trace = load_trace(_resolve(check.trace, root, trace_path), vocab_size=backend.vocab_size)
+    cache = make_cache(backend, parse_size(check.budget), make_policy(check.policy, None))
+    started = time.perf_counter()
+    outcome = replay(trace, backend, cache, CheckMode(), check.limit, progress=False)
+    stats = cache.stats
+    return {
+        "hit_ratio": stats.cached_tokens / stats.prompt_tokens if stats.prompt_tokens else 0.0,
+        "computed_tokens": stats.computed_tokens,
+        "peak_paged_out_bytes": cache.ledger.peak,
+        "violations": len(outcome.violations),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _resolve(trace: str, root: Path, trace_path) -> Path:
+    candidate = root / trace
+    return candidate if candidate.exists() else trace_path(trace)
+
+
+def _fuzz_metrics(check: Check) -> dict[str, Any]:
+    import tempfile
+
+    from .fuzz import FuzzConfig, run_fuzz
+
+    with tempfile.TemporaryDirectory() as out:
+        result = run_fuzz(
+            FuzzConfig(
+                backend=check.backend,
+                model=None if check.model == "llama-8b" else check.model,
+                examples=check.examples,
+                steps=20,
+                out_dir=Path(out),
+            )
+        )
+    return {
+        "violations": 1 if result.failure else 0,
+        "failure": result.failure,
+        "examples": result.examples,
+        "seconds": result.seconds,
+    }
+
+
+@dataclass
+class Row:
+    check: str
+    metric: str
+    baseline: Any
+    now: Any
+    ok: bool
+    note: str = ""
+
+    @property
+    def change(self) -> str:
+        if (
+            isinstance(self.baseline, (int, float))
+            and isinstance(self.now, (int, float))
+            and self.baseline
+        ):
+            return f"{(self.now - self.baseline) / abs(self.baseline):+.1%}"
+        return ""
+
+
+def _fmt(metric: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if metric == "peak_paged_out_bytes":
+        return format_bytes(value)
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _compare(
+    check: Check, now: dict[str, Any], base: dict[str, Any] | None, config: GateConfig
+) -> list[Row]:
+    rows = [
+        Row(
+            check.name,
+            "violations",
+            0,
+            now["violations"],
+            now["violations"] == 0,
+            now.get("failure") or "",
+        )
+    ]
+    if check.fuzz:
+        return rows
+    tol, ttol = config.tolerance, config.time_tolerance
+    limits = {
+        "hit_ratio": check.min_hit_ratio,
+        "computed_tokens": check.max_computed_tokens,
+        "peak_paged_out_bytes": check.max_peak_paged_out_bytes,
+    }
+    for metric, higher_is_better in (
+        ("hit_ratio", True),
+        ("computed_tokens", False),
+        ("peak_paged_out_bytes", False),
+        ("time_ratio", False),
+    ):
+        value = now.get(metric)
+        before = None if base is None else base.get(metric)
+        ok, notes = True, []
+        if value is None:  # a replay too short to time reliably
+            rows.append(Row(check.name, metric, before, None, True, "too short to time"))
+            continue
+        slack = ttol if metric == "time_ratio" else tol
+        if before is not None:
+            if higher_is_better:
+                ok = value >= before * (1 - slack) - 1e-12
+            else:
+                ok = value <= before * (1 + slack) + 1e-12
+            if not ok:
+                notes.append(f"beyond the {slack:.0%} tolerance")
+        else:
+            notes.append("no baseline")
+        limit = limits.get(metric)
+        if limit is not None and (value < limit if higher_is_better else value > limit):
+            ok = False
+            notes.append(f"limit {_fmt(metric, limit)}")
+        rows.append(Row(check.name, metric, before, value, ok, "; ".join(notes)))
+    return rows
+
+
+def run_gate(
+    config: GateConfig, quick: bool, update_baseline: bool, progress: Any = None
+) -> tuple[list[Row], dict[str, Any]]:
+    """Run the checks (``quick``: only those marked quick) and compare with the baseline."""
+    root = config.path.parent
+    baseline = json.loads(config.baseline.read_text()) if config.baseline.exists() else {}
+    reference = _replay_metrics(config.reference, root)
+    results: dict[str, Any] = {"reference_seconds": reference["seconds"], "checks": {}}
+    rows: list[Row] = []
+    for check in config.checks:
+        if quick and not check.quick:
+            continue
+        if progress:
+            progress(check.name)
+        now = _fuzz_metrics(check) if check.fuzz else _replay_metrics(check, root)
+        if not check.fuzz and min(now["seconds"], reference["seconds"]) >= MIN_TIMED_SECONDS:
+            now["time_ratio"] = now["seconds"] / reference["seconds"]
+        results["checks"][check.name] = now
+        rows += _compare(check, now, baseline.get("checks", {}).get(check.name), config)
+    if update_baseline:
+        merged = {
+            "checks": {
+                **baseline.get("checks", {}),
+                **{
+                    name: {k: v for k, v in m.items() if k not in ("seconds", "failure")}
+                    for name, m in results["checks"].items()
+                },
+            }
+        }
+        from .traces import write_atomic
+
+        write_atomic(config.baseline, json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    return rows, results
+
+
+def table(rows: list[Row]) -> str:
+    width = max(len(r.check) for r in rows)
+    lines = [
+        f"{'check':{width}}  {'metric':22} {'baseline':>14}  {'now':>14} {'change':>8}  status"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.check:{width}}  {r.metric:22} {_fmt(r.metric, r.baseline):>14}  "
+            f"{_fmt(r.metric, r.now):>14} {r.change:>8}  "
+            f"{'ok' if r.ok else 'FAIL'}{'  ' + r.note if r.note else ''}"
+        )
+    return "\n".join(lines)
+
+
+def markdown(rows: list[Row]) -> str:
+    out = [
+        "### kvtrie gate",
+        "",
+        "| check | metric | baseline | now | change | status |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        status = "ok" if r.ok else f"**FAIL** {r.note}"
+        out.append(
+            f"| {r.check} | {r.metric} | {_fmt(r.metric, r.baseline)} | "
+            f"{_fmt(r.metric, r.now)} | {r.change} | {status} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def junit(rows: list[Row], seconds: dict[str, float]) -> str:
+    checks = list(dict.fromkeys(r.check for r in rows))
+    failures = sum(1 for c in checks if any(not r.ok for r in rows if r.check == c))
+    cases = []
+    for name in checks:
+        bad = [r for r in rows if r.check == name and not r.ok]
+        body = ""
+        if bad:
+            text = "; ".join(
+                f"{r.metric}: {_fmt(r.metric, r.baseline)} -> {_fmt(r.metric, r.now)} {r.note}"
+                for r in bad
+            )
+            body = f"<failure message={quoteattr(text)}>{escape(text)}</failure>"
+        cases.append(
+            f'  <testcase classname="kvtrie.gate" name={quoteattr(name)} '
+            f'time="{seconds.get(name, 0.0):.3f}">{body}</testcase>'
+        )
+    return (
+        f'<?xml version="1.0" encoding="utf-8"?>\n<testsuite name="kvtrie gate" '
+        f'tests="{len(checks)}" failures="{failures}">\n' + "\n".join(cases) + "\n</testsuite>\n"
+    )
