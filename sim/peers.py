@@ -96,53 +96,133 @@ class SingleEntry(Peer):
         return cached
 
 
-class WholeSequences(Peer):
-    """mlx-lm's server prompt cache: whole evaluated sequences, LRU by sequence. A trimmable
-    (attention) cache reuses the common prefix with any stored sequence; a recurrent one only
-    a stored sequence that is a prefix of the prompt. Storing a sequence drops its stored
-    prefixes (attention models)."""
-
-    name = "mlx-lm"
-
-    def __init__(self, budget: int | None, costs: Costs) -> None:
-        super().__init__(budget, costs)
-        self.entries: OrderedDict[bytes, np.ndarray] = OrderedDict()
-
-    def _size(self, tokens: np.ndarray) -> int:
-        return len(tokens) * self.costs.per_token + self.costs.per_sequence
-
-    def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
-        best, best_key = 0, None
-        for key, tokens in self.entries.items():
-            common = common_prefix_length(tokens, prompt)
-            if self.costs.recurrent and common < len(tokens):
-                continue
-            if common > best:
-                best, best_key = common, key
-        if best_key is not None:
-            self.entries.move_to_end(best_key)
-        if not self.costs.recurrent:
-            for key in [
-                k
-                for k, t in self.entries.items()
-                if len(t) <= len(evaluated) and common_prefix_length(t, evaluated) == len(t)
-            ]:
-                del self.entries[key]
-        self.entries[evaluated.tobytes()] = evaluated
-        total = sum(self._size(t) for t in self.entries.values())
-        while not self.fits(total) and self.entries:
-            _, dropped = self.entries.popitem(last=False)
-            total -= self._size(dropped)
-        self.account(total)
-        return min(best, len(prompt) - 1)
-
-
 @dataclass(eq=False)
 class _Radix:
     tokens: np.ndarray
     parent: _Radix | None = None
     children: dict[int, _Radix] = field(default_factory=dict)
     last_used: int = 0
+    count: int = 0  # stored sequences passing through (mlx-lm)
+    ends: int = 0  # stored sequences ending here (mlx-lm)
+
+
+def _walk(root: _Radix, tokens: np.ndarray) -> tuple[list[_Radix], int]:
+    """Follow ``tokens`` down, splitting the last edge so the match ends on a node boundary."""
+    path, pos, node = [root], 0, root
+    while pos < len(tokens):
+        child = node.children.get(int(tokens[pos]))
+        if child is None:
+            break
+        n = common_prefix_length(child.tokens, tokens[pos:])
+        if n < len(child.tokens):
+            head = _Radix(
+                child.tokens[:n], node, {int(child.tokens[n]): child}, child.last_used, child.count
+            )
+            node.children[int(child.tokens[0])] = head
+            child.tokens, child.parent = child.tokens[n:], head
+            child = head
+        path.append(child)
+        pos += n
+        node = child
+    return path, pos
+
+
+def _insert(root: _Radix, tokens: np.ndarray) -> tuple[list[_Radix], int]:
+    """Store ``tokens``: the path to their end, and how many tokens were new."""
+    path, pos = _walk(root, tokens)
+    if pos < len(tokens):
+        leaf = _Radix(tokens[pos:].copy(), path[-1])
+        path[-1].children[int(tokens[pos])] = leaf
+        path.append(leaf)
+    return path, len(tokens) - pos
+
+
+class WholeSequences(Peer):
+    """mlx-lm's server prompt cache: whole evaluated sequences, LRU by sequence. A trimmable
+    (attention) cache reuses the common prefix with any stored sequence; a recurrent one only
+    a stored sequence that is a prefix of the prompt. Storing a sequence drops its stored
+    prefixes (attention models). Each sequence pays for all its tokens: nothing is shared.
+    A radix tree of the stored sequences (with counts) finds the best one in one walk."""
+
+    name = "mlx-lm"
+
+    def __init__(self, budget: int | None, costs: Costs) -> None:
+        super().__init__(budget, costs)
+        self.root = _Radix(np.empty(0, dtype=np.int32))
+        self.entries: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self.total = 0
+
+    def _size(self, tokens: np.ndarray) -> int:
+        return len(tokens) * self.costs.per_token + self.costs.per_sequence
+
+    def _stored_prefixes(self, tokens: np.ndarray) -> list[int]:
+        """Lengths of the stored sequences that are prefixes of ``tokens``."""
+        path, _ = _walk(self.root, tokens)
+        ends, offset = [], 0
+        for node in path[1:]:
+            offset += len(node.tokens)
+            if node.ends:
+                ends.append(offset)
+        return ends
+
+    def _remove(self, tokens: np.ndarray) -> None:
+        path, _ = _walk(self.root, tokens)
+        path[-1].ends -= 1
+        for node in path[1:]:
+            node.count -= 1
+            if node.count == 0:
+                del node.parent.children[int(node.tokens[0])]
+                break
+        del self.entries[tokens.tobytes()]
+        self.total -= self._size(tokens)
+
+    def best_reuse(self, prompt: np.ndarray) -> int:
+        """Prompt tokens the best stored sequence gives back; it becomes the most recent."""
+        if self.costs.recurrent:
+            ends = self._stored_prefixes(prompt)
+            best = ends[-1] if ends else 0
+            if best:
+                self.entries.move_to_end(prompt[:best].tobytes())
+            return best
+        path, best = _walk(self.root, prompt)
+        node = path[-1]
+        while node.ends == 0 and node.children:  # a stored sequence through the match point
+            node = next(iter(node.children.values()))
+        if best:
+            tokens = np.concatenate([n.tokens for n in reversed(_ancestors(node))])
+            self.entries.move_to_end(tokens.tobytes())
+        return best
+
+    def store(self, tokens: np.ndarray) -> None:
+        """Keep ``tokens`` as a sequence (dropping its stored prefixes), then fit the budget."""
+        if not self.costs.recurrent:
+            for end in self._stored_prefixes(tokens):
+                if end < len(tokens):
+                    self._remove(tokens[:end])
+        if tokens.tobytes() not in self.entries:
+            path, _ = _insert(self.root, tokens)
+            for node in path[1:]:
+                node.count += 1
+            path[-1].ends += 1
+            self.total += self._size(tokens)
+        self.entries[tokens.tobytes()] = tokens
+        self.entries.move_to_end(tokens.tobytes())
+        while not self.fits(self.total) and self.entries:
+            self._remove(next(iter(self.entries.values())))
+        self.account(self.total)
+
+    def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
+        best = self.best_reuse(prompt)
+        self.store(evaluated)
+        return min(best, len(prompt) - 1)
+
+
+def _ancestors(node: _Radix) -> list[_Radix]:
+    out = []
+    while node.parent is not None:
+        out.append(node)
+        node = node.parent
+    return out
 
 
 class RadixCache(Peer):
@@ -157,34 +237,11 @@ class RadixCache(Peer):
         self.tokens = 0
         self.clock = 0
 
-    def _walk(self, tokens: np.ndarray) -> tuple[list[_Radix], int]:
-        path, pos, node = [self.root], 0, self.root
-        while pos < len(tokens):
-            child = node.children.get(int(tokens[pos]))
-            if child is None:
-                break
-            n = common_prefix_length(child.tokens, tokens[pos:])
-            if n < len(child.tokens):  # split, so the match ends on a node boundary
-                head = _Radix(
-                    child.tokens[:n], node, {int(child.tokens[n]): child}, child.last_used
-                )
-                node.children[int(child.tokens[0])] = head
-                child.tokens, child.parent = child.tokens[n:], head
-                child = head
-            path.append(child)
-            pos += n
-            node = child
-        return path, pos
-
     def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
         self.clock += 1
-        _, matched = self._walk(prompt)
-        path, pos = self._walk(evaluated)
-        if pos < len(evaluated):
-            leaf = _Radix(evaluated[pos:].copy(), path[-1])
-            path[-1].children[int(evaluated[pos])] = leaf
-            path.append(leaf)
-            self.tokens += len(evaluated) - pos
+        _, matched = _walk(self.root, prompt)
+        path, added = _insert(self.root, evaluated)
+        self.tokens += added
         for node in path:
             node.last_used = self.clock
         self._evict({id(n) for n in path})
@@ -254,8 +311,8 @@ class BlockLRU(Peer):
 
 class Slots(Peer):
     """llama.cpp's server: a few slots each holding one sequence (the most similar is picked,
-    else the least recently used), and a host prompt cache of saved slot sequences within the
-    byte budget."""
+    else the least recently used), and a host prompt cache of the sequences slots gave up,
+    within the byte budget."""
 
     name = "llamacpp-slots"
     SLOTS = 4
@@ -264,7 +321,7 @@ class Slots(Peer):
         super().__init__(budget, costs)
         self.slots = [np.empty(0, dtype=np.int32) for _ in range(self.SLOTS)]
         self.used = [0] * self.SLOTS
-        self.saved: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self.host = WholeSequences(budget, costs)
         self.clock = 0
 
     def _reuse(self, tokens: np.ndarray, prompt: np.ndarray) -> int:
@@ -275,24 +332,12 @@ class Slots(Peer):
         self.clock += 1
         scores = [self._reuse(s, prompt) for s in self.slots]
         slot = int(np.argmax(scores)) if max(scores) > 0 else int(np.argmin(self.used))
-        cached = scores[slot]
-        best_saved = max(self.saved.values(), key=lambda t: self._reuse(t, prompt), default=None)
-        if best_saved is not None and self._reuse(best_saved, prompt) > cached:
-            cached = self._reuse(best_saved, prompt)
+        cached = max(scores[slot], self.host.best_reuse(prompt))
         if scores[slot] == 0 and len(self.slots[slot]):
-            self._save(self.slots[slot])
+            self.host.store(self.slots[slot])  # the slot's sequence moves to host memory
+            self.account(self.host.total)
         self.slots[slot], self.used[slot] = evaluated, self.clock
         return min(cached, len(prompt) - 1)
-
-    def _save(self, tokens: np.ndarray) -> None:
-        self.saved[tokens.tobytes()] = tokens
-        total = sum(
-            len(t) * self.costs.per_token + self.costs.per_sequence for t in self.saved.values()
-        )
-        while not self.fits(total) and self.saved:
-            _, dropped = self.saved.popitem(last=False)
-            total -= len(dropped) * self.costs.per_token + self.costs.per_sequence
-        self.account(total)
 
 
 class Belady(Peer):
