@@ -74,3 +74,44 @@ class Faults:
             self.failing_restores -= 1
             return True
         return False
+
+
+class CheckedRestore:
+    """``restore`` as the contract states it, shared by every backend's layers: refuse what
+    ``can_restore`` refuses, fail when a fault is injected, else rewind or load. Layers give
+    ``can_restore``, ``_rewind`` and ``_load``."""
+
+    faults: Faults
+
+    def can_restore(self, snapshot: Any, target: int) -> bool:
+        raise NotImplementedError
+
+    def _rewind(self, target: int) -> None:
+        raise NotImplementedError
+
+    def _load(self, snapshot: Any, target: int) -> bool:
+        raise NotImplementedError
+
+    def restore(self, snapshot: Any, target: int) -> bool:
+        if not self.can_restore(snapshot, target):
+            return False
+        if snapshot is not None and self.faults.take_restore_failure():
+            return False
+        if snapshot is None:
+            self._rewind(target)
+            return True
+        return self._load(snapshot, target)
+
+
+class WholeStateSnapshots:
+    """split and merge for layers whose snapshot is their whole state at one offset (recurrent
+    state, a sliding window): it can't be cut, so the parent half is left for a fresh snapshot
+    at the split point, and the later state supersedes the earlier one."""
+
+    def split(self, snapshot: Any, at: int) -> tuple[Any, Any]:
+        return None, snapshot
+
+    def merge(self, parent: Any, child: Any) -> Any:
+        if parent is not None:
+            parent.close()
+        return child

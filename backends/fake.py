@@ -22,7 +22,7 @@ from kvtrie.core.hashing import mix64
 from kvtrie.core.protocols import LayerKind, Snapshot
 from kvtrie.core.trie import as_tokens
 
-from .base import Faults
+from .base import CheckedRestore, Faults, WholeStateSnapshots
 from .profiles import LayerSpec, ModelProfile
 
 __all__ = ["FakeBackend", "Faults", "SnapshotLedger", "prefix_hashes"]
@@ -173,7 +173,7 @@ class StateSnapshot(_FakeSnapshot):
         self.state ^= 1
 
 
-class _FakeLayer:
+class _FakeLayer(CheckedRestore):
     """What every fake layer shares: its spec, salt, fault hooks and snapshot ledger."""
 
     kind: LayerKind
@@ -184,25 +184,6 @@ class _FakeLayer:
         self.seed = _seed(salt)
         self.faults = faults
         self.ledger = ledger
-
-    def restore(self, snapshot: Snapshot | None, target: int) -> bool:
-        if not self.can_restore(snapshot, target):
-            return False
-        if snapshot is not None and self.faults.take_restore_failure():
-            return False
-        if snapshot is None:
-            self._rewind(target)
-            return True
-        return self._load(snapshot, target)
-
-    def can_restore(self, snapshot: Snapshot | None, target: int) -> bool:
-        raise NotImplementedError
-
-    def _rewind(self, target: int) -> None:
-        raise NotImplementedError
-
-    def _load(self, snapshot: Snapshot, target: int) -> bool:
-        raise NotImplementedError
 
 
 class FakeKVCache(_FakeLayer):
@@ -336,7 +317,7 @@ class FakeKVCache(_FakeLayer):
         self._offset = 0
 
 
-class FakeRotatingCache(_FakeLayer):
+class FakeRotatingCache(WholeStateSnapshots, _FakeLayer):
     """Sliding-window attention: keeps the values of the last ``window`` positions."""
 
     kind = LayerKind.ROTATING
@@ -395,20 +376,12 @@ class FakeRotatingCache(_FakeLayer):
             self._rewind(target)
         return True
 
-    def split(self, snapshot: Snapshot, at: int) -> tuple[Snapshot | None, Snapshot | None]:
-        return None, snapshot  # a window can't be cut; the parent gets a fresh snapshot
-
-    def merge(self, parent: Snapshot | None, child: Snapshot | None) -> Snapshot | None:
-        if parent is not None:
-            parent.close()  # the child's window supersedes the parent's
-        return child
-
     def free(self) -> None:
         self._kept = np.empty(0, dtype=_U64)
         self._offset = 0
 
 
-class FakeRecurrentCache(_FakeLayer):
+class FakeRecurrentCache(WholeStateSnapshots, _FakeLayer):
     """A recurrent layer: one fixed-size state folded over every token; it never rewinds."""
 
     kind = LayerKind.RECURRENT
@@ -458,14 +431,6 @@ class FakeRecurrentCache(_FakeLayer):
         self._state = snapshot.state
         self._offset = snapshot.end
         return True
-
-    def split(self, snapshot: Snapshot, at: int) -> tuple[Snapshot | None, Snapshot | None]:
-        return None, snapshot  # no state at the split point; it must be snapshotted fresh
-
-    def merge(self, parent: Snapshot | None, child: Snapshot | None) -> Snapshot | None:
-        if parent is not None:
-            parent.close()  # the child's state is at the merged end
-        return child
 
     def free(self) -> None:
         self._state = self.seed

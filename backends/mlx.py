@@ -25,7 +25,7 @@ from kvtrie.core.prefix_cache import DEFAULT_BUDGET_BYTES, CachePolicy, PrefixCa
 from kvtrie.core.protocols import LayerKind, Snapshot
 from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache, make_prompt_cache
 
-from .base import Faults
+from .base import CheckedRestore, Faults, WholeStateSnapshots
 
 __all__ = [
     "LOGIT_TOLERANCE",
@@ -159,12 +159,10 @@ class MLXSnapshot:
         self.is_closed = True
 
 
-class MLXKVLayer:
-    """Attention (``KVCache``): a snapshot holds keys and values of its own range only."""
+class _Adapter(CheckedRestore):
+    """An mlx-lm cache object seen through the layer-cache contract."""
 
-    kind = LayerKind.KV
-
-    def __init__(self, cache: KVCache, faults: Faults) -> None:
+    def __init__(self, cache: Any, faults: Faults) -> None:
         self.cache = cache
         self.faults = faults
 
@@ -177,7 +175,13 @@ class MLXKVLayer:
         return self.cache.nbytes
 
     def advance(self, count: int) -> None:
-        """The model already moved ``cache.offset``."""
+        """Called after the model evaluated ``count`` tokens (it moved ``cache.offset``)."""
+
+
+class MLXKVLayer(_Adapter):
+    """Attention (``KVCache``): a snapshot holds keys and values of its own range only."""
+
+    kind = LayerKind.KV
 
     def snapshot(self, from_offset: int) -> Snapshot | None:
         cache = self.cache
@@ -194,17 +198,15 @@ class MLXKVLayer:
         assert isinstance(snapshot, MLXSnapshot) and not snapshot.is_closed
         return 0 <= target <= snapshot.end and self.cache.offset >= snapshot.start
 
-    def restore(self, snapshot: Snapshot | None, target: int) -> bool:
-        if not self.can_restore(snapshot, target):
-            return False
-        if snapshot is not None and self.faults.take_restore_failure():
-            return False
-        if snapshot is not None:
-            assert isinstance(snapshot, MLXSnapshot)
-            self.cache.offset = snapshot.start
-            keys, values = snapshot.arrays
-            self.cache.update_and_fetch(keys, values)
-            mx.eval(self.cache.keys, self.cache.values)
+    def _rewind(self, target: int) -> None:
+        self.cache.offset = target
+
+    def _load(self, snapshot: Snapshot, target: int) -> bool:
+        assert isinstance(snapshot, MLXSnapshot)
+        self.cache.offset = snapshot.start
+        keys, values = snapshot.arrays
+        self.cache.update_and_fetch(keys, values)
+        mx.eval(self.cache.keys, self.cache.values)
         self.cache.offset = min(self.cache.offset, target)
         return True
 
@@ -244,25 +246,10 @@ class MLXKVLayer:
         self.cache.offset = 0
 
 
-class MLXRotatingLayer:
+class MLXRotatingLayer(WholeStateSnapshots, _Adapter):
     """Sliding-window attention (``RotatingKVCache``): a snapshot holds the whole window."""
 
     kind = LayerKind.ROTATING
-
-    def __init__(self, cache: RotatingKVCache, faults: Faults) -> None:
-        self.cache = cache
-        self.faults = faults
-
-    @property
-    def offset(self) -> int:
-        return self.cache.offset
-
-    @property
-    def nbytes(self) -> int:
-        return self.cache.nbytes
-
-    def advance(self, count: int) -> None:
-        """The model already moved ``cache.offset``."""
 
     def snapshot(self, from_offset: int) -> Snapshot | None:
         cache = self.cache
@@ -286,29 +273,18 @@ class MLXRotatingLayer:
             target == snapshot.end or snapshot.end < cache.max_size
         )
 
-    def restore(self, snapshot: Snapshot | None, target: int) -> bool:
-        if not self.can_restore(snapshot, target):
-            return False
-        if snapshot is not None and self.faults.take_restore_failure():
-            return False
-        cache = self.cache
-        if snapshot is not None:
-            assert isinstance(snapshot, MLXSnapshot)
-            keys, values = snapshot.arrays
-            keep, max_size, idx = snapshot.meta
-            cache.state = (_copy(keys), _copy(values), snapshot.end, keep, max_size, idx)
-            mx.eval(cache.keys, cache.values)
-        if target < cache.offset:
-            cache.trim(cache.offset - target)
+    def _rewind(self, target: int) -> None:
+        if target < self.cache.offset:
+            self.cache.trim(self.cache.offset - target)
+
+    def _load(self, snapshot: Snapshot, target: int) -> bool:
+        assert isinstance(snapshot, MLXSnapshot)
+        keys, values = snapshot.arrays
+        keep, max_size, idx = snapshot.meta
+        self.cache.state = (_copy(keys), _copy(values), snapshot.end, keep, max_size, idx)
+        mx.eval(self.cache.keys, self.cache.values)
+        self._rewind(target)
         return True
-
-    def split(self, snapshot: Snapshot, at: int) -> tuple[Snapshot | None, Snapshot | None]:
-        return None, snapshot  # a window can't be cut; the parent gets a fresh snapshot
-
-    def merge(self, parent: Snapshot | None, child: Snapshot | None) -> Snapshot | None:
-        if parent is not None:
-            parent.close()  # the child's window supersedes the parent's
-        return child
 
     def free(self) -> None:
         self.cache.keys = self.cache.values = None
@@ -316,7 +292,7 @@ class MLXRotatingLayer:
         self.cache._idx = 0
 
 
-class MLXRecurrentLayer:
+class MLXRecurrentLayer(WholeStateSnapshots, _Adapter):
     """Recurrent state (``ArraysCache``: conv and SSM / gated-delta state): never rewinds.
 
     mlx-lm keeps no offset for these caches, so the adapter counts the tokens evaluated.
@@ -325,17 +301,12 @@ class MLXRecurrentLayer:
     kind = LayerKind.RECURRENT
 
     def __init__(self, cache: ArraysCache, faults: Faults) -> None:
-        self.cache = cache
-        self.faults = faults
+        super().__init__(cache, faults)
         self._offset = 0
 
     @property
     def offset(self) -> int:
         return self._offset
-
-    @property
-    def nbytes(self) -> int:
-        return self.cache.nbytes
 
     def advance(self, count: int) -> None:
         self._offset += count
@@ -352,24 +323,14 @@ class MLXRecurrentLayer:
         assert isinstance(snapshot, MLXSnapshot) and not snapshot.is_closed
         return target == snapshot.end
 
-    def restore(self, snapshot: Snapshot | None, target: int) -> bool:
-        if not self.can_restore(snapshot, target):
-            return False
-        if snapshot is not None and self.faults.take_restore_failure():
-            return False
-        if snapshot is not None:
-            assert isinstance(snapshot, MLXSnapshot)
-            self.cache.cache = [_copy(a) if a is not None else None for a in snapshot.arrays]
-            self._offset = snapshot.end
+    def _rewind(self, target: int) -> None:
+        """Nothing to do: ``can_restore`` allows only the current offset."""
+
+    def _load(self, snapshot: Snapshot, target: int) -> bool:
+        assert isinstance(snapshot, MLXSnapshot)
+        self.cache.cache = [_copy(a) if a is not None else None for a in snapshot.arrays]
+        self._offset = snapshot.end
         return True
-
-    def split(self, snapshot: Snapshot, at: int) -> tuple[Snapshot | None, Snapshot | None]:
-        return None, snapshot  # no state at the split point; it must be snapshotted fresh
-
-    def merge(self, parent: Snapshot | None, child: Snapshot | None) -> Snapshot | None:
-        if parent is not None:
-            parent.close()  # the child's state is at the merged end
-        return child
 
     def free(self) -> None:
         self.cache.cache = [None] * len(self.cache.cache)
