@@ -115,3 +115,39 @@ class WholeStateSnapshots:
         if parent is not None:
             parent.close()
         return child
+
+
+class RangeSnapshots:
+    """split and merge for attention layers, whose snapshot holds the positions of
+    ``[start, end)``: bounds and ownership here, the cutting and joining of data in
+    ``_cut`` and ``_join``. Both take ownership of their inputs."""
+
+    def _cut(self, snapshot: Any, cut: int, at: int) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def _join(self, parent: Any, child: Any) -> Any:
+        raise NotImplementedError
+
+    def split(self, snapshot: Any, at: int) -> tuple[Any, Any]:
+        cut = at - snapshot.start
+        if cut <= 0:
+            return None, snapshot
+        if cut >= snapshot.end - snapshot.start:
+            return snapshot, None
+        halves = self._cut(snapshot, cut, at)
+        snapshot.close()
+        return halves
+
+    def merge(self, parent: Any, child: Any) -> Any:
+        if parent is None or child is None:  # a gap: the data can't be stitched, drop both
+            for snap in (parent, child):
+                if snap is not None:
+                    snap.close()
+            return None
+        assert parent.end == child.start, (
+            f"merge of [{parent.start}, {parent.end}) and [{child.start}, {child.end})"
+        )
+        merged = self._join(parent, child)
+        parent.close()
+        child.close()
+        return merged

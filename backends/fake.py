@@ -22,7 +22,7 @@ from kvtrie.core.hashing import mix64
 from kvtrie.core.protocols import LayerKind, Snapshot
 from kvtrie.core.trie import as_tokens
 
-from .base import CheckedRestore, Faults, WholeStateSnapshots
+from .base import CheckedRestore, Faults, RangeSnapshots, WholeStateSnapshots
 from .profiles import LayerSpec, ModelProfile
 
 __all__ = ["FakeBackend", "Faults", "SnapshotLedger", "prefix_hashes"]
@@ -186,7 +186,7 @@ class _FakeLayer(CheckedRestore):
         self.ledger = ledger
 
 
-class FakeKVCache(_FakeLayer):
+class FakeKVCache(RangeSnapshots, _FakeLayer):
     """Attention: one value per position; rewinds by trimming."""
 
     kind = LayerKind.KV
@@ -260,13 +260,8 @@ class FakeKVCache(_FakeLayer):
         self._offset = min(self._offset, target)
         return True
 
-    def split(self, snapshot: Snapshot, at: int) -> tuple[Snapshot | None, Snapshot | None]:
+    def _cut(self, snapshot: Snapshot, cut: int, at: int) -> tuple[Snapshot, Snapshot]:
         assert isinstance(snapshot, KVSnapshot)
-        cut = at - snapshot.start
-        if cut <= 0:
-            return None, snapshot
-        if cut >= snapshot.end - snapshot.start:
-            return snapshot, None
         head: list[_Segment] = []
         tail: list[_Segment] = []
         pos = 0
@@ -290,26 +285,14 @@ class FakeKVCache(_FakeLayer):
                 )
                 tail.append(_Segment(middle, segment.tokens[k:].copy(), segment.checksum))
             pos += n
-        snapshot.close()
         return (
             KVSnapshot(head, snapshot.start, self.spec, self.ledger),
             KVSnapshot(tail, at, self.spec, self.ledger),
         )
 
-    def merge(self, parent: Snapshot | None, child: Snapshot | None) -> Snapshot | None:
-        if parent is None or child is None:
-            for snap in (parent, child):
-                if snap is not None:
-                    snap.close()
-            return None
+    def _join(self, parent: Snapshot, child: Snapshot) -> Snapshot:
         assert isinstance(parent, KVSnapshot) and isinstance(child, KVSnapshot)
-        assert parent.end == child.start, (
-            f"merge of [{parent.start}, {parent.end}) and [{child.start}, {child.end})"
-        )
-        merged = KVSnapshot(parent.segments + child.segments, parent.start, self.spec, self.ledger)
-        parent.close()
-        child.close()
-        return merged
+        return KVSnapshot(parent.segments + child.segments, parent.start, self.spec, self.ledger)
 
     def free(self) -> None:
         self._values = np.empty(0, dtype=_U64)

@@ -25,7 +25,7 @@ from kvtrie.core.prefix_cache import DEFAULT_BUDGET_BYTES, CachePolicy, PrefixCa
 from kvtrie.core.protocols import LayerKind, Snapshot
 from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache, make_prompt_cache
 
-from .base import CheckedRestore, Faults, WholeStateSnapshots
+from .base import CheckedRestore, Faults, RangeSnapshots, WholeStateSnapshots
 
 __all__ = [
     "LOGIT_TOLERANCE",
@@ -178,7 +178,7 @@ class _Adapter(CheckedRestore):
         """Called after the model evaluated ``count`` tokens (it moved ``cache.offset``)."""
 
 
-class MLXKVLayer(_Adapter):
+class MLXKVLayer(RangeSnapshots, _Adapter):
     """Attention (``KVCache``): a snapshot holds keys and values of its own range only."""
 
     kind = LayerKind.KV
@@ -210,13 +210,8 @@ class MLXKVLayer(_Adapter):
         self.cache.offset = min(self.cache.offset, target)
         return True
 
-    def split(self, snapshot: Snapshot, at: int) -> tuple[Snapshot | None, Snapshot | None]:
+    def _cut(self, snapshot: Snapshot, cut: int, at: int) -> tuple[Snapshot, Snapshot]:
         assert isinstance(snapshot, MLXSnapshot)
-        cut = at - snapshot.start
-        if cut <= 0:
-            return None, snapshot
-        if cut >= snapshot.end - snapshot.start:
-            return snapshot, None
         keys, values = snapshot.arrays
         head = MLXSnapshot(
             (_copy(keys[..., :cut, :]), _copy(values[..., :cut, :])), snapshot.start, at
@@ -224,22 +219,12 @@ class MLXKVLayer(_Adapter):
         tail = MLXSnapshot(
             (_copy(keys[..., cut:, :]), _copy(values[..., cut:, :])), at, snapshot.end
         )
-        snapshot.close()
         return head, tail
 
-    def merge(self, parent: Snapshot | None, child: Snapshot | None) -> Snapshot | None:
-        if parent is None or child is None:
-            for snap in (parent, child):
-                if snap is not None:
-                    snap.close()
-            return None
+    def _join(self, parent: Snapshot, child: Snapshot) -> Snapshot:
         assert isinstance(parent, MLXSnapshot) and isinstance(child, MLXSnapshot)
-        assert parent.end == child.start
         arrays = tuple(mx.concatenate([a, b], axis=2) for a, b in zip(parent.arrays, child.arrays))
-        merged = MLXSnapshot(arrays, parent.start, child.end)
-        parent.close()
-        child.close()
-        return merged
+        return MLXSnapshot(arrays, parent.start, child.end)
 
     def free(self) -> None:
         self.cache.keys = self.cache.values = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_BUDGET_BYTES = 8 << 30
+TRIM_PAGE = 16  # tokens: leaves are trimmed in pages of this size
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,15 @@ class CachePolicy:
     keep_restore_points: bool = False
     # Snapshot every this many tokens of a long prefill (0: only where the seed does).
     snapshot_interval: int = 0
+    # Evict only the tail of a long attention-only leaf, page by page, when that is enough.
+    trim_leaves: bool = False
     eviction: EvictionOrder = field(default_factory=OldestDeepestLargest)
 
 
 POLICIES: dict[str, CachePolicy] = {
     "kvtrie-seed": CachePolicy(),
     "kvtrie-improved": CachePolicy(
-        name="kvtrie-improved", reuse_partial_edge=True, keep_restore_points=True
+        name="kvtrie-improved", reuse_partial_edge=True, keep_restore_points=True, trim_leaves=True
     ),
 }
 
@@ -329,6 +333,25 @@ class PrefixCache:
             self.ledger.record_eviction(victim, candidates)
             self._evict(victim, active)
 
+    def _trim_leaf(self, node: Node) -> bool:
+        """Drop just enough whole pages from the end of an attention-only leaf to fit the
+        budget, keeping its prefix restorable; False when the whole leaf has to go."""
+        if not self.policy.trim_leaves or self.budget_bytes is None:
+            return False
+        if not node.has_all_snapshots() or any(
+            layer.kind is not LayerKind.KV for layer in self.layers
+        ):
+            return False
+        per_token = node.snapshot_bytes / len(node.tokens)
+        tokens = math.ceil((self.ledger.total - self.budget_bytes) / per_token)
+        keep = len(node.tokens) - math.ceil(tokens / TRIM_PAGE) * TRIM_PAGE
+        if keep < 1:
+            return False
+        split_node(node, keep, self.layers, self.ledger)
+        self.stats.splits += 1
+        remove_leaf(node, self.ledger)
+        return True
+
     def _evictable(self, node: Node, active: set[int]) -> bool:
         return id(node) not in active and not node.is_root and node.has_snapshots()
 
@@ -342,6 +365,8 @@ class PrefixCache:
             node.snapshot_bytes,
             node.user,
         )
+        if not node.children and self._trim_leaf(node):
+            return
         if not node.children:
             parent = node.parent
             assert parent is not None

@@ -96,8 +96,12 @@ def _run_kvtrie(policy: str, budget: int | None, profile: ModelProfile, workload
     return cache.stats.cached_tokens, cache.ledger.peak, timeline
 
 
-def _cell(args: tuple[str, int | None, ModelProfile, Workload]) -> tuple[SweepRow, list]:
-    policy, budget, profile, workload = args
+_SHARED: dict[str, Any] = {}  # the workload and profile, inherited by forked workers
+
+
+def _cell(args: tuple[str, int | None]) -> tuple[SweepRow, list]:
+    policy, budget = args
+    profile, workload = _SHARED["profile"], _SHARED["workload"]
     started = time.perf_counter()
     prompt_tokens = sum(len(p) for p, _ in workload)
     timeline: list = []
@@ -150,11 +154,8 @@ def run_sweep(
     if unknown:
         raise ValueError(f"unknown policies {unknown}; choose from {', '.join(ALL_POLICIES)}")
     # ideal and none do not depend on the budget: one cell each
-    cells = [
-        (p, b, profile, workload)
-        for p in policies
-        for b in (budgets if p not in ("ideal", "none") else [None])
-    ]
+    cells = [(p, b) for p in policies for b in (budgets if p not in ("ideal", "none") else [None])]
+    _SHARED.update(profile=profile, workload=workload)  # not pickled into every cell
     # the longest cells first, so the pool is not left waiting on one at the end
     cells.sort(key=lambda c: (c[0] not in ("belady", "vllm-blocks", *KVTRIE_POLICIES),))
     rows, timelines = [], {}

@@ -222,3 +222,15 @@ def test_partial_reuse_of_the_live_frontier_keeps_its_tail(rig):
     tail = r.node_at(20, 24)
     assert tail.has_all_snapshots()
     assert r.run(first + [7, 8, 9]).cached_tokens == 24  # the first conversation resumes
+
+
+def test_improved_policy_evicts_only_the_tail_pages_of_a_long_leaf(rig):
+    r = rig("kv", policy="kvtrie-improved")  # 16 B a token, pages of 16 tokens
+    long = list(range(1, 101))
+    r.run(long)
+    r.run([500])
+    assert r.cache.paged_out_bytes == 100 * 16
+    r.cache.set_budget(100 * 16 - 20 * 16)  # 20 tokens too many: two pages go
+    assert r.node_ranges() == [(0, 1), (0, 68)]
+    assert r.cache.paged_out_bytes == 68 * 16
+    assert r.run(long[:68] + [7]).cached_tokens == 68  # the kept prefix still restores
