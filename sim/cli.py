@@ -325,8 +325,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     started = time.perf_counter()
     workload = materialize(trace, profile)
+    marks = [request.user_snapshots for request in trace.requests]
     rows, timelines = run_sweep(
-        workload, profile, budgets, policies, args.processes, progress=False if args.quiet else None
+        workload,
+        profile,
+        budgets,
+        policies,
+        args.processes,
+        progress=False if args.quiet else None,
+        marks=marks,
     )
     meta = {
         "trace": trace.path,

@@ -82,7 +82,13 @@ def costs_of(profile: ModelProfile) -> Costs:
     )
 
 
-def _run_kvtrie(policy: str, budget: int | None, profile: ModelProfile, workload: Workload):
+def _run_kvtrie(
+    policy: str,
+    budget: int | None,
+    profile: ModelProfile,
+    workload: Workload,
+    marks: list[tuple[int, ...]],
+):
     backend = FakeBackend(profile)
     cache = PrefixCache(backend.new_layers(), budget_bytes=budget, policy=POLICIES[policy])
     runner = RequestRunner(backend, cache, CheckMode(every=0))
@@ -90,7 +96,7 @@ def _run_kvtrie(policy: str, budget: int | None, profile: ModelProfile, workload
     timeline = []
     for index, (prompt, evaluated) in enumerate(workload):
         # forced outputs: the evaluated ones, then a last one that is never evaluated
-        runner.run(prompt, np.append(evaluated[len(prompt) :], 0))
+        runner.run(prompt, np.append(evaluated[len(prompt) :], 0), marks[index])
         if index % every == 0:
             timeline.append((index, cache.paged_out_bytes))
     return cache.stats.cached_tokens, cache.ledger.peak, timeline
@@ -107,7 +113,7 @@ def _cell(args: tuple[str, int | None]) -> tuple[SweepRow, list]:
     timeline: list = []
     note = ""
     if policy in KVTRIE_POLICIES:
-        cached, peak, timeline = _run_kvtrie(policy, budget, profile, workload)
+        cached, peak, timeline = _run_kvtrie(policy, budget, profile, workload, _SHARED["marks"])
     elif policy == "mlx-lm-real":
         costs = costs_of(profile)
         try:
@@ -146,8 +152,10 @@ def run_sweep(
     policies: list[str],
     processes: int | None = None,
     progress: bool | None = None,
+    marks: list[tuple[int, ...]] | None = None,
 ) -> tuple[list[SweepRow], dict[str, list]]:
-    """Every (policy, budget) cell, on all cores; rows in policy then budget order."""
+    """Every (policy, budget) cell, on all cores; rows in policy then budget order. ``marks``
+    are each request's user restore points (only kvtrie's policies use them)."""
     from tqdm import tqdm
 
     unknown = [p for p in policies if p not in ALL_POLICIES]
@@ -155,7 +163,8 @@ def run_sweep(
         raise ValueError(f"unknown policies {unknown}; choose from {', '.join(ALL_POLICIES)}")
     # ideal and none do not depend on the budget: one cell each
     cells = [(p, b) for p in policies for b in (budgets if p not in ("ideal", "none") else [None])]
-    _SHARED.update(profile=profile, workload=workload)  # not pickled into every cell
+    marks = marks or [()] * len(workload)
+    _SHARED.update(profile=profile, workload=workload, marks=marks)  # not pickled per cell
     # the longest cells first, so the pool is not left waiting on one at the end
     cells.sort(key=lambda c: (c[0] not in ("belady", "vllm-blocks", *KVTRIE_POLICIES),))
     rows, timelines = [], {}
