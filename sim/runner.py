@@ -88,7 +88,7 @@ class RequestRunner:
     def run(
         self,
         prompt: Sequence[int] | np.ndarray,
-        outputs: Sequence[int] | int,
+        outputs: Sequence[int] | np.ndarray | int,
         user_marks: Iterable[int] = (),
     ) -> RequestResult:
         """Serve one request; ``outputs`` are forced tokens, or a count to generate."""
