@@ -6,7 +6,7 @@ from typing import Protocol
 
 from .trie import Node
 
-__all__ = ["EvictionOrder", "OldestDeepestLargest", "EVICTION_ORDERS"]
+__all__ = ["EvictionOrder", "OldestDeepestLargest"]
 
 
 class EvictionOrder(Protocol):
@@ -24,8 +24,3 @@ class OldestDeepestLargest:
 
     def priority(self, node: Node) -> tuple[int, ...]:
         return (node.last_used, -node.end, -node.snapshot_bytes)
-
-
-EVICTION_ORDERS: dict[str, type] = {
-    OldestDeepestLargest.name: OldestDeepestLargest,
-}

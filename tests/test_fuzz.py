@@ -21,16 +21,19 @@ def kvtrie(*argv: str) -> int:
     return subprocess.run([sys.executable, "-m", "kvtrie.sim.cli", *argv]).returncode
 
 
+def fuzz_report(tmp_path: Path, *argv: str) -> dict:
+    """Run ``kvtrie fuzz`` quietly with its output in tmp_path; its JSON report."""
+    report = tmp_path / "fuzz.json"
+    code = kvtrie("fuzz", *argv, "-q", "--out", str(tmp_path), "--report", str(report))
+    assert code == 0
+    return json.loads(report.read_text())
+
+
 REGRESSIONS = sorted((Path(__file__).parent / "regressions").glob("*.jsonl"))
 
 
 def test_quick_profile_on_the_fake_backend_finds_nothing(tmp_path):
-    report = tmp_path / "fuzz.json"
-    assert (
-        kvtrie("fuzz", "--profile", "quick", "-q", "--out", str(tmp_path), "--report", str(report))
-        == 0
-    )
-    result = json.loads(report.read_text())
+    result = fuzz_report(tmp_path, "--profile", "quick")
     assert result["failures"] == 0 and result["examples"] >= 300 and result["steps"] > 1000
     # the run reached the machinery it is meant to exercise
     reached = result["reached"]
@@ -40,23 +43,7 @@ def test_quick_profile_on_the_fake_backend_finds_nothing(tmp_path):
 
 
 def test_quick_profile_on_the_mlx_backend_finds_nothing(tmp_path):
-    report = tmp_path / "fuzz.json"
-    assert (
-        kvtrie(
-            "fuzz",
-            "--backend",
-            "mlx",
-            "--profile",
-            "quick",
-            "-q",
-            "--out",
-            str(tmp_path),
-            "--report",
-            str(report),
-        )
-        == 0
-    )
-    result = json.loads(report.read_text())
+    result = fuzz_report(tmp_path, "--backend", "mlx", "--profile", "quick")
     assert result["failures"] == 0 and result["examples"] >= 24
     assert result["reached"]["splits"] and result["reached"]["evictions"]
 
@@ -72,23 +59,7 @@ def test_in_process_fuzz_run_counts_what_it_did(tmp_path):
 @pytest.mark.parametrize("name", ["lru-frontier-only", "evict-active-nodes", "recurrent-rewinds"])
 def test_mutants_are_killed_and_shrunk_to_a_replayable_trace(tmp_path, name):
     # bounded by the example count, not a clock, so a busy machine can't make it flaky
-    report = tmp_path / "fuzz.json"
-    assert (
-        kvtrie(
-            "fuzz",
-            "--mutant",
-            name,
-            "--time-limit",
-            "100000",
-            "-q",
-            "--out",
-            str(tmp_path),
-            "--report",
-            str(report),
-        )
-        == 0
-    )
-    (row,) = json.loads(report.read_text())["mutants"]
+    (row,) = fuzz_report(tmp_path, "--mutant", name, "--time-limit", "100000")["mutants"]
     assert row["killed"], f"mutant {name} survived"
     trace = Path(row["regression_trace"])
     assert read_header(trace)["mutant"] == name
