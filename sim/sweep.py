@@ -296,7 +296,8 @@ def _plots(
             x, y = zip(*timeline)
             ax.plot(x, np.asarray(y) / 2**30, label=label.split("@")[1])
         ax.set_xlabel("request")
-        ax.set_ylabel("paged-out bytes (GiB)")
+        ax.set_yscale("symlog", linthresh=0.1)  # finite budgets stay visible beside inf
+        ax.set_ylabel("paged-out bytes (GiB, log above 0.1)")
         ax.set_title(f"kvtrie-seed paged-out bytes over the trace: {title}")
         ax.legend(title="budget", fontsize=8)
         ax.grid(True, alpha=0.3)
