@@ -264,7 +264,7 @@ def _plots(
     plt.close(fig)
     written.append("hit_ratio.png")
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(10.5, 5.5))
     policies = [p for p in dict.fromkeys(r.policy for r in rows)]
     width = 0.8 / max(1, len(finite) + (None in budgets))
     for j, budget in enumerate(budgets):
@@ -283,7 +283,7 @@ def _plots(
     )
     ax.set_ylabel("computed prompt tokens (millions)")
     ax.set_title(f"Tokens each policy computes: {title}")
-    ax.legend(title="budget", fontsize=8)
+    ax.legend(title="budget", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(out / "computed_tokens.png", dpi=110)
     plt.close(fig)
