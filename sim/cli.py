@@ -212,8 +212,9 @@ def _cmd_gen(args: argparse.Namespace) -> int:
 def _fuzz_summary(result) -> str:
     return (
         f"{result.examples} examples, {result.steps} steps, {len(result.shapes)} distinct trie "
-        f"shapes, max depth {result.max_depth}, {result.splits} splits, {result.merges} merges, "
-        f"{result.evictions} evictions, {result.restore_failures} restore failures, "
+        f"shapes, max depth {result.max_depth}, {result.totals.splits} splits, "
+        f"{result.totals.merges} merges, {result.totals.evictions} evictions, "
+        f"{result.totals.restore_failures} restore failures, "
         f"{result.seconds:.1f} s"
     )
 
@@ -256,10 +257,10 @@ def _cmd_fuzz(args: argparse.Namespace) -> int:
         report["reached"] = {
             "trie_shapes": len(result.shapes),
             "max_depth": result.max_depth,
-            "splits": result.splits,
-            "merges": result.merges,
-            "evictions": result.evictions,
-            "restore_failures": result.restore_failures,
+            "splits": result.totals.splits,
+            "merges": result.totals.merges,
+            "evictions": result.totals.evictions,
+            "restore_failures": result.totals.restore_failures,
         }
         report.update(
             examples=result.examples,

@@ -31,7 +31,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from kvtrie.core.prefix_cache import POLICIES, PrefixCache
+from kvtrie.core.prefix_cache import POLICIES, CacheStats, PrefixCache
 from kvtrie.core.trie import walk
 
 from .mutants import mutated
@@ -72,10 +72,7 @@ class FuzzResult:
     steps: int = 0
     shapes: set[int] = field(default_factory=set)
     max_depth: int = 0
-    splits: int = 0
-    merges: int = 0
-    evictions: int = 0
-    restore_failures: int = 0
+    totals: CacheStats = field(default_factory=CacheStats)  # summed over every example
     seconds: float = 0.0
     failure: str | None = None
     regression_trace: str | None = None
@@ -210,10 +207,10 @@ def _machine(
         def teardown(self):
             if hasattr(self, "cache"):
                 stats = self.cache.stats
-                result.splits += stats.splits
-                result.merges += stats.merges
-                result.evictions += stats.evictions
-                result.restore_failures += stats.restore_failures
+                for name in vars(stats):
+                    setattr(
+                        result.totals, name, getattr(result.totals, name) + getattr(stats, name)
+                    )
 
     CacheMachine.TestCase.settings = settings(
         max_examples=config.examples,
