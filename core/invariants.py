@@ -275,6 +275,7 @@ class Checker:
         self._bytes: dict[Node, int] = {}
         self._counts: dict[Node, int] = {}
         self._tally = 0
+        self.held_snapshots = 0  # how many snapshots the trie holds, by the checker's own count
         for node in walk(cache.root):
             self._record(node, [])
 
@@ -284,24 +285,21 @@ class Checker:
             return node is self.cache.root
         return len(node.tokens) > 0 and parent.children.get(int(node.tokens[0])) is node
 
-    @property
-    def held_snapshots(self) -> int:
-        """How many snapshots the trie holds, by the checker's own count."""
-        return sum(self._counts.values())
-
     def _record(self, node: Node, out: list[Violation]) -> None:
         held = _check_node(node, self.cache.layers, out)
         self._tally += held - self._bytes.get(node, 0)
+        count = sum(s is not None for s in node.snapshots or [])
+        self.held_snapshots += count - self._counts.get(node, 0)
         if node.snapshots is not None:
             self._bytes[node] = held
-            self._counts[node] = sum(s is not None for s in node.snapshots)
+            self._counts[node] = count
         else:
             self._bytes.pop(node, None)
             self._counts.pop(node, None)
 
     def _forget(self, node: Node) -> None:
         self._tally -= self._bytes.pop(node, 0)
-        self._counts.pop(node, None)
+        self.held_snapshots -= self._counts.pop(node, 0)
 
     def check(self, session: Session | None = None) -> list[Violation]:
         out: list[Violation] = []

@@ -161,8 +161,8 @@ class PrefixCache:
             raise ValueError("a prompt needs at least one token")
         if self._session is not None:
             self._session.close(self._session.outputs)
-        longest = match(self.root, tokens)[1]
-        path, matched = self._match_leaving_one(tokens)
+        path, longest = match(self.root, tokens)
+        path, matched = self._leave_one_token(tokens, path, longest)
         partial = len(path) > 1 and path[-1].start < matched < path[-1].end
         prefix = self._switch_to_match(path, matched, partial)
         snapshot_at = matched if (partial or (prefix == 0 and matched > 0)) else 0
@@ -183,12 +183,13 @@ class PrefixCache:
         self._session = Session(self, tokens, account, snapshot_at)
         return self._session
 
-    def _match_leaving_one(self, tokens: np.ndarray) -> tuple[list[Node], int]:
+    def _leave_one_token(
+        self, tokens: np.ndarray, path: list[Node], matched: int
+    ) -> tuple[list[Node], int]:
         """The longest match of ``tokens`` that leaves at least one token to evaluate, so
-        generation has logits to start from."""
-        path, matched = match(self.root, tokens)
+        generation has logits to start from: the full match, unless it covers every token."""
         if matched == len(tokens):
-            path, matched = match(self.root, tokens[:-1])
+            return match(self.root, tokens[:-1])
         return path, matched
 
     def _switch_to_match(self, path: list[Node], matched: int, partial: bool) -> int:

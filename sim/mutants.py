@@ -17,7 +17,6 @@ from kvtrie.backends.fake import _Segment as Segment
 from kvtrie.core import prefix_cache
 from kvtrie.core.evict import OldestDeepestLargest
 from kvtrie.core.prefix_cache import PrefixCache
-from kvtrie.core.trie import match
 
 __all__ = ["MUTANTS", "Mutant", "mutated"]
 
@@ -29,8 +28,8 @@ class Mutant:
     patches: Callable[[], list[tuple[Any, str, Any]]]
 
 
-def _match_without_one_token_rule(self: PrefixCache, tokens):
-    return match(self.root, tokens)
+def _match_without_one_token_rule(self: PrefixCache, tokens, path, matched):
+    return path, matched
 
 
 def _mark_only_frontier(self: PrefixCache, path):
@@ -112,7 +111,7 @@ MUTANTS: dict[str, Mutant] = {
         Mutant(
             "one-token-rule-dropped",
             "a full match evaluates no token",
-            lambda: [(PrefixCache, "_match_leaving_one", _match_without_one_token_rule)],
+            lambda: [(PrefixCache, "_leave_one_token", _match_without_one_token_rule)],
         ),
         Mutant(
             "lru-frontier-only",

@@ -53,6 +53,13 @@ class Peer:
         raise NotImplementedError
 
 
+def _reusable(stored: np.ndarray, prompt: np.ndarray, recurrent: bool) -> int:
+    """Prompt tokens a stored sequence gives back: its common prefix with the prompt, or, for
+    a recurrent state that can't be trimmed, all of it or nothing."""
+    common = common_prefix_length(stored, prompt)
+    return 0 if recurrent and common < len(stored) else common
+
+
 class NoCache(Peer):
     name = "none"
 
@@ -86,10 +93,7 @@ class SingleEntry(Peer):
         self.tokens = np.empty(0, dtype=np.int32)
 
     def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
-        common = common_prefix_length(self.tokens, prompt)
-        if self.costs.recurrent and common < len(self.tokens):
-            common = 0  # a recurrent state can't be trimmed
-        cached = min(common, len(prompt) - 1)
+        cached = min(_reusable(self.tokens, prompt, self.costs.recurrent), len(prompt) - 1)
         size = len(evaluated) * self.costs.per_token + self.costs.per_sequence
         self.tokens = evaluated if self.fits(size) else np.empty(0, dtype=np.int32)
         self.account(size if len(self.tokens) else 0)
@@ -324,13 +328,9 @@ class Slots(Peer):
         self.host = WholeSequences(budget, costs)
         self.clock = 0
 
-    def _reuse(self, tokens: np.ndarray, prompt: np.ndarray) -> int:
-        common = common_prefix_length(tokens, prompt)
-        return 0 if self.costs.recurrent and common < len(tokens) else common
-
     def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
         self.clock += 1
-        scores = [self._reuse(s, prompt) for s in self.slots]
+        scores = [_reusable(s, prompt, self.costs.recurrent) for s in self.slots]
         slot = int(np.argmax(scores)) if max(scores) > 0 else int(np.argmin(self.used))
         cached = max(scores[slot], self.host.best_reuse(prompt))
         if scores[slot] == 0 and len(self.slots[slot]):

@@ -40,6 +40,7 @@ ALL_POLICIES = (
 )
 REAL_MLXLM_TOKEN_LIMIT = 5_000_000  # its token-per-dict-level trie outgrows memory beyond this
 TIMELINE_POINTS = 400
+BUDGET_FREE = ("ideal", "none")  # policies whose result does not depend on the budget
 
 
 @dataclass
@@ -162,7 +163,7 @@ def run_sweep(
     if unknown:
         raise ValueError(f"unknown policies {unknown}; choose from {', '.join(ALL_POLICIES)}")
     # ideal and none do not depend on the budget: one cell each
-    cells = [(p, b) for p in policies for b in (budgets if p not in ("ideal", "none") else [None])]
+    cells = [(p, b) for p in policies for b in (budgets if p not in BUDGET_FREE else [None])]
     marks = marks or [()] * len(workload)
     _SHARED.update(profile=profile, workload=workload, marks=marks)  # not pickled per cell
     # the longest cells first, so the pool is not left waiting on one at the end
@@ -202,6 +203,14 @@ def _budget_label(budget: int | None) -> str:
     return "inf" if budget is None else format_bytes(budget)
 
 
+def _row_for(rows: list[SweepRow], policy: str, budget: int | None) -> SweepRow | None:
+    """The measured row of a policy at a budget (budget-free policies have one row)."""
+    for row in rows:
+        if row.policy == policy and (row.budget_bytes == budget or policy in BUDGET_FREE):
+            return None if row.note else row
+    return None
+
+
 def _markdown(rows: list[SweepRow], budgets: list[int | None]) -> str:
     policies = list(dict.fromkeys(r.policy for r in rows))
     head = "| policy | " + " | ".join(_budget_label(b) for b in budgets) + " |"
@@ -209,14 +218,8 @@ def _markdown(rows: list[SweepRow], budgets: list[int | None]) -> str:
     for policy in policies:
         cells = []
         for budget in budgets:
-            match = [
-                r
-                for r in rows
-                if r.policy == policy
-                and r.budget_bytes in (budget, None)
-                and (r.budget_bytes == budget or policy in ("ideal", "none"))
-            ]
-            cells.append(f"{match[0].hit_ratio:.4f}" if match and not match[0].note else "-")
+            row = _row_for(rows, policy, budget)
+            cells.append(f"{row.hit_ratio:.4f}" if row else "-")
         lines.append(f"| {policy} | " + " | ".join(cells) + " |")
     return "hit ratio by budget\n\n" + "\n".join(lines) + "\n"
 
@@ -240,7 +243,7 @@ def _plots(
             for r in rows
             if r.policy == policy and not r.note
         ]
-        if policy in ("ideal", "none") and points:
+        if policy in BUDGET_FREE and points:
             ax.axhline(
                 points[0][1],
                 linestyle=":",
@@ -270,13 +273,8 @@ def _plots(
     for j, budget in enumerate(budgets):
         heights = []
         for policy in policies:
-            match = [
-                r
-                for r in rows
-                if r.policy == policy
-                and (r.budget_bytes == budget or (policy in ("ideal", "none")))
-            ]
-            heights.append(match[0].computed_tokens / 1e6 if match and not match[0].note else 0)
+            row = _row_for(rows, policy, budget)
+            heights.append(row.computed_tokens / 1e6 if row else 0)
         ax.bar(np.arange(len(policies)) + j * width, heights, width, label=_budget_label(budget))
     ax.set_xticks(
         np.arange(len(policies)) + width * (len(budgets) - 1) / 2, policies, rotation=30, ha="right"
