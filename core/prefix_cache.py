@@ -199,6 +199,7 @@ class PrefixCache:
             node = path[-1]
             if self.active_path[-1] is node and self._rewind_inside(node, matched):
                 self.active_path.pop()
+                self._enforce_budget()  # the paged-out node left the active path
                 return matched
         self._switch(path[:-1] if partial else path)
         return self.live_offset

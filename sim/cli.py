@@ -245,16 +245,17 @@ def _cmd_fuzz(args: argparse.Namespace) -> int:
         time_limit=args.time_limit if mutation else None,
         progress=not args.quiet,
     )
-    report: dict = {"backend": args.backend, "model": base.model_name, "profile": args.profile}
+    report: dict = {"backend": args.backend, "models": list(base.models), "profile": args.profile}
     if not mutation:
         result = run_fuzz(base)
-        print(f"fuzz {args.backend}/{base.model_name}: {_fuzz_summary(result)}")
+        print(f"fuzz {args.backend}/{','.join(base.models)}: {_fuzz_summary(result)}")
         if result.failure:
             print(
                 f"FAILED: {result.failure}\nshrunk to {result.shrunk_requests} requests: "
                 f"{result.regression_trace} (kvtrie replay reproduces it)"
             )
         report["reached"] = {
+            "examples_per_model": dict(result.models),
             "trie_shapes": len(result.shapes),
             "max_depth": result.max_depth,
             "splits": result.totals.splits,
@@ -585,7 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz.add_argument(
         "--model",
         default=None,
-        help="fake profile (default tiny-mixed) or MLX model (default tiny-hybrid)",
+        help="fake profile or MLX model (default: each example draws one of tiny-attention, "
+        "tiny-swa and, for all three layer kinds, tiny-mixed on fake or tiny-hybrid on MLX)",
     )
     fuzz.add_argument(
         "--profile",

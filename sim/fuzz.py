@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,13 @@ PROFILES = {
     "quick": (300, 24, 25),
     "nightly": (10_000, 500, 40),
 }
+# Drawn per example unless --model names one: each engages different paths of the policies
+# (partial-edge reuse and page trimming need attention-only layers; rotation and recurrent
+# snapshots need their kinds).
+DEFAULT_MODELS = {
+    "fake": ("tiny-mixed", "tiny-attention", "tiny-swa"),
+    "mlx": ("tiny-hybrid", "tiny-attention", "tiny-swa"),
+}
 
 
 @dataclass(frozen=True)
@@ -61,8 +69,8 @@ class FuzzConfig:
     progress: bool = False
 
     @property
-    def model_name(self) -> str:
-        return self.model or ("tiny-mixed" if self.backend == "fake" else "tiny-hybrid")
+    def models(self) -> tuple[str, ...]:
+        return (self.model,) if self.model else DEFAULT_MODELS[self.backend]
 
 
 @dataclass
@@ -71,6 +79,7 @@ class FuzzResult:
     examples: int = 0
     steps: int = 0
     shapes: set[int] = field(default_factory=set)
+    models: Counter[str] = field(default_factory=Counter)  # examples per model drawn
     max_depth: int = 0
     totals: CacheStats = field(default_factory=CacheStats)  # summed over every example
     seconds: float = 0.0
@@ -84,18 +93,18 @@ def _budgets(bytes_per_token: int) -> list[int | None]:
     return [None, 0, 4 * bytes_per_token, 24 * bytes_per_token, 96 * bytes_per_token]
 
 
-def _make_backend(config: FuzzConfig) -> Callable[[], Any]:
+def _make_backend(backend: str, model: str) -> Callable[[], Any]:
     """A factory of fresh backends; an MLX model is built once and its faults reset."""
-    if config.backend == "fake":
+    if backend == "fake":
         from kvtrie.backends.fake import FakeBackend
         from kvtrie.backends.profiles import get_profile
 
-        profile = get_profile(config.model_name)
+        profile = get_profile(model)
         return lambda: FakeBackend(profile)
     from kvtrie.backends.base import Faults
     from kvtrie.backends.mlx import MLXBackend
 
-    shared = MLXBackend.from_name(config.model_name)
+    shared = MLXBackend.from_name(model)
 
     def fresh() -> MLXBackend:
         shared.faults = Faults()
@@ -114,9 +123,8 @@ def _token_bytes(backend: Any) -> int:
 def _machine(
     config: FuzzConfig, result: FuzzResult, last: dict[str, Any], tick: Callable[[], Any]
 ) -> type:
-    new_backend = _make_backend(config)
-    scale = _token_bytes(new_backend())
-    budgets = _budgets(scale)
+    backends = {model: _make_backend(config.backend, model) for model in config.models}
+    budgets = {model: _budgets(_token_bytes(new())) for model, new in backends.items()}
     deadline = None if config.time_limit is None else time.monotonic() + config.time_limit
     tokens = st.lists(st.integers(1, ALPHABET), min_size=1, max_size=10)
     outputs = st.lists(st.integers(1, ALPHABET), min_size=0, max_size=3)
@@ -132,10 +140,12 @@ def _machine(
             result.examples += 1
             tick()
 
-        @initialize(policy=st.sampled_from(sorted(POLICIES)))
-        def start(self, policy: str) -> None:
+        @initialize(policy=st.sampled_from(sorted(POLICIES)), model=st.sampled_from(config.models))
+        def start(self, policy: str, model: str) -> None:
             self.policy = policy
-            self.backend = new_backend()
+            self.model = model
+            result.models[model] += 1
+            self.backend = backends[model]()
             self.cache = PrefixCache(
                 self.backend.new_layers(), budget_bytes=None, policy=POLICIES[policy]
             )
@@ -189,9 +199,9 @@ def _machine(
             prompt = base[: max(1, min(cut, len(base)))] + extra
             return self._serve(prompt, out, mark if mark and mark <= len(prompt) else None)
 
-        @rule(budget=st.sampled_from(budgets))
-        def set_budget(self, budget):
-            self._apply(Event("budget", 0, budget_bytes=budget))
+        @rule(step=st.integers(0, len(_budgets(1)) - 1))
+        def set_budget(self, step):
+            self._apply(Event("budget", 0, budget_bytes=budgets[self.model][step]))
 
         @rule()
         def fail_next_restore(self):
@@ -231,7 +241,7 @@ def _write_regression(config: FuzzConfig, machine: Any, failure: str) -> Path:
     name = f"{config.mutant or config.backend}-{digest}.jsonl"
     header = {
         "backend": config.backend,
-        "profile": config.model_name,
+        "profile": getattr(machine, "model", config.models[0]),
         "policy": getattr(machine, "policy", "kvtrie-seed"),
         "budget_bytes": None,
         "found_by": "kvtrie fuzz",

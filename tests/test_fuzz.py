@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from kvtrie.sim.cli import main
-from kvtrie.sim.fuzz import FuzzConfig, run_fuzz
+from kvtrie.sim.fuzz import DEFAULT_MODELS, FuzzConfig, run_fuzz
 from kvtrie.sim.mutants import MUTANTS
 from kvtrie.sim.traces import read_header
 
@@ -40,12 +40,14 @@ def test_quick_profile_on_the_fake_backend_finds_nothing(tmp_path):
     assert reached["splits"] and reached["merges"] and reached["evictions"]
     assert reached["restore_failures"] and reached["max_depth"] >= 3
     assert reached["trie_shapes"] > 100
+    assert set(reached["examples_per_model"]) == set(DEFAULT_MODELS["fake"])
 
 
 def test_quick_profile_on_the_mlx_backend_finds_nothing(tmp_path):
     result = fuzz_report(tmp_path, "--backend", "mlx", "--profile", "quick")
     assert result["failures"] == 0 and result["examples"] >= 24
     assert result["reached"]["splits"] and result["reached"]["evictions"]
+    assert set(result["reached"]["examples_per_model"]) == set(DEFAULT_MODELS["mlx"])
 
 
 def test_in_process_fuzz_run_counts_what_it_did(tmp_path):
