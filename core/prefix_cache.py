@@ -32,6 +32,7 @@ from .trie import (
     match,
     merge_with_child,
     remove_leaf,
+    shorten_bare_leaf,
     split_node,
     walk,
 )
@@ -65,13 +66,19 @@ class CachePolicy:
     snapshot_interval: int = 0
     # Evict only the tail of a long attention-only leaf, page by page, when that is enough.
     trim_leaves: bool = False
+    # Over budget, a leaf being paged out keeps whole pages only (as block caches store it).
+    whole_pages_under_pressure: bool = False
     eviction: EvictionOrder = field(default_factory=OldestDeepestLargest)
 
 
 POLICIES: dict[str, CachePolicy] = {
     "kvtrie-seed": CachePolicy(),
     "kvtrie-improved": CachePolicy(
-        name="kvtrie-improved", reuse_partial_edge=True, keep_restore_points=True, trim_leaves=True
+        name="kvtrie-improved",
+        reuse_partial_edge=True,
+        keep_restore_points=True,
+        trim_leaves=True,
+        whole_pages_under_pressure=True,
     ),
 }
 
@@ -242,6 +249,7 @@ class PrefixCache:
             self._attach_live_snapshots(frontier)
             self.stats.page_outs += 1
             log.debug("page out [%d, %d)", frontier.start, frontier.end)
+            self._drop_partial_page(frontier)
 
         for layer in self.layers:
             if not layer.restore(None, ancestor_end):
@@ -335,14 +343,41 @@ class PrefixCache:
             self.ledger.record_eviction(victim, candidates)
             self._evict(victim, active)
 
+    def _attention_only(self) -> bool:
+        return all(layer.kind is LayerKind.KV for layer in self.layers)
+
+    def _drop_partial_page(self, leaf: Node) -> None:
+        """Over budget, cut a just paged-out leaf back to a page boundary.
+
+        Its sub-page tail pays bytes in every stored leaf but saves at most a page of
+        recompute, and only to a request that extends exactly this sequence; when memory is
+        short those bytes keep more shared prefix instead. With room to spare the tail stays.
+        """
+        if (
+            not self.policy.whole_pages_under_pressure
+            or self.budget_bytes is None
+            or self.ledger.total <= self.budget_bytes
+            or leaf.children
+            or leaf.user
+            or not self._attention_only()
+        ):
+            return
+        keep = leaf.end // TRIM_PAGE * TRIM_PAGE - leaf.start
+        if 0 < keep < len(leaf.tokens):
+            # The live layers are still at the leaf's end: page it out again, shorter (cheaper
+            # than splitting the snapshots and closing the tail).
+            leaf.set_snapshots(None, self.ledger)
+            for layer in self.layers:
+                layer.restore(None, leaf.start + keep)
+            shorten_bare_leaf(leaf, keep, self.ledger)
+            self._attach_live_snapshots(leaf)
+
     def _trim_leaf(self, node: Node) -> bool:
         """Drop just enough whole pages from the end of an attention-only leaf to fit the
         budget, keeping its prefix restorable; False when the whole leaf has to go."""
         if not self.policy.trim_leaves or self.budget_bytes is None:
             return False
-        if not node.has_all_snapshots() or any(
-            layer.kind is not LayerKind.KV for layer in self.layers
-        ):
+        if not node.has_all_snapshots() or not self._attention_only():
             return False
         per_token = node.snapshot_bytes / len(node.tokens)
         tokens = math.ceil((self.ledger.total - self.budget_bytes) / per_token)

@@ -23,6 +23,7 @@ __all__ = [
     "match",
     "merge_with_child",
     "remove_leaf",
+    "shorten_bare_leaf",
     "split_node",
     "walk",
 ]
@@ -269,3 +270,14 @@ def remove_leaf(node: Node, ledger: ByteLedger) -> None:
     ledger.touch(node, node.parent)
     node.parent = None
     node.set_snapshots(None, ledger)
+
+
+def shorten_bare_leaf(node: Node, length: int, ledger: ByteLedger) -> None:
+    """Keep only the first ``length`` tokens of a leaf that holds no snapshots."""
+    if node.children or node.snapshots is not None:
+        raise ValueError(f"{node!r} is not a bare leaf")
+    if not 0 < length <= len(node.tokens):
+        raise ValueError(f"can't shorten an edge of {len(node.tokens)} tokens to {length}")
+    node.end = node.start + length
+    node.tokens = node.tokens[:length].copy()
+    ledger.touch(node)

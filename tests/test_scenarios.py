@@ -234,3 +234,16 @@ def test_improved_policy_evicts_only_the_tail_pages_of_a_long_leaf(rig):
     assert r.node_ranges() == [(0, 1), (0, 68)]
     assert r.cache.paged_out_bytes == 68 * 16
     assert r.run(long[:68] + [7]).cached_tokens == 68  # the kept prefix still restores
+
+
+@pytest.mark.parametrize(("budget_tokens", "kept"), [(100, (0, 100)), (98, (0, 96))])
+def test_improved_policy_pages_out_whole_pages_only_over_budget(rig, budget_tokens, kept):
+    # The 4-token tail past the last page boundary stays while it fits; over budget it goes
+    # first, and nothing is evicted (a trim from the leaf's end would have kept only 84).
+    r = rig("kv", budget=budget_tokens * 16, policy="kvtrie-improved")
+    long = list(range(1, 101))
+    r.run(long)
+    r.run([500])
+    assert r.node_ranges() == [(0, 1), kept]
+    assert r.cache.stats.evictions == 0
+    assert r.run(long + [7]).cached_tokens == kept[1]
