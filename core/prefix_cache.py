@@ -171,7 +171,7 @@ class PrefixCache:
         path, longest = match(self.root, tokens)
         path, matched = self._leave_one_token(tokens, path, longest)
         partial = len(path) > 1 and path[-1].start < matched < path[-1].end
-        prefix = self._switch_to_match(path, matched, partial)
+        prefix = self._switch_to_match(path, tokens[:matched], partial)
         snapshot_at = matched if (partial or (prefix == 0 and matched > 0)) else 0
         account = RequestAccount(len(tokens), matched, prefix)
         self.stats.requests += 1
@@ -199,8 +199,9 @@ class PrefixCache:
             return match(self.root, tokens[:-1])
         return path, matched
 
-    def _switch_to_match(self, path: list[Node], matched: int, partial: bool) -> int:
+    def _switch_to_match(self, path: list[Node], matched_tokens: np.ndarray, partial: bool) -> int:
         """Switch to the matched path and return how many prompt tokens the live state covers."""
+        matched = len(matched_tokens)
         if partial and self._can_reuse_partial_edge():
             self._switch(path)
             node = path[-1]
@@ -208,6 +209,10 @@ class PrefixCache:
                 self.active_path.pop()
                 self._enforce_budget()  # the paged-out node left the active path
                 return matched
+            # That switch may have failed a restore and then evicted, and an eviction merges
+            # nodes: match again in the trie as it is now.
+            path, _ = match(self.root, matched_tokens)
+            partial = path[-1].end > matched
         self._switch(path[:-1] if partial else path)
         return self.live_offset
 
