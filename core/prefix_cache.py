@@ -68,6 +68,11 @@ class CachePolicy:
     trim_leaves: bool = False
     # Over budget, a leaf being paged out keeps whole pages only (as block caches store it).
     whole_pages_under_pressure: bool = False
+    # Under a budget, paging a node in moves its snapshots into the live layers instead of
+    # copying them, so the live path is not held twice; leaving it pages its nodes out again.
+    page_in_moves: bool = False
+    # After a leaf eviction, fold a parent left with one child into it (the seed's rule).
+    merge_lone_children: bool = True
     eviction: EvictionOrder = field(default_factory=OldestDeepestLargest)
 
 
@@ -79,6 +84,8 @@ POLICIES: dict[str, CachePolicy] = {
         keep_restore_points=True,
         trim_leaves=True,
         whole_pages_under_pressure=True,
+        page_in_moves=True,
+        merge_lone_children=False,
     ),
 }
 
@@ -206,7 +213,6 @@ class PrefixCache:
             self._switch(path)
             node = path[-1]
             if self.active_path[-1] is node and self._rewind_inside(node, matched):
-                self.active_path.pop()
                 self._enforce_budget()  # the paged-out node left the active path
                 return matched
             # That switch may have failed a restore and then evicted, and an eviction merges
@@ -217,10 +223,17 @@ class PrefixCache:
         return self.live_offset
 
     def _rewind_inside(self, node: Node, target: int) -> bool:
-        """Rewind every live layer from ``node``'s end to ``target`` inside its edge, if every
-        layer can; the node is paged out first so its tail stays restorable."""
+        """Rewind every live layer from the frontier ``node``'s end to ``target`` inside its
+        edge, if every layer can; the node is paged out first so its tail stays restorable,
+        and leaves the active path. With ``page_in_moves`` only the part past ``target`` is
+        paged out: the node is split there and its head stays live."""
         if not all(layer.can_restore(None, target) for layer in self.layers):
             return False
+        self.active_path.pop()
+        if self._page_in_moves():
+            self.active_path.append(split_node(node, target - node.start, self.layers, self.ledger))
+            self.stats.splits += 1
+            self._release_live_path()
         if not node.has_all_snapshots():
             self._attach_live_snapshots(node)
             self.stats.page_outs += 1
@@ -255,6 +268,7 @@ class PrefixCache:
             self.stats.page_outs += 1
             log.debug("page out [%d, %d)", frontier.start, frontier.end)
             self._drop_partial_page(frontier)
+        self._page_out_interior(old_path[common:-1])
 
         for layer in self.layers:
             if not layer.restore(None, ancestor_end):
@@ -290,11 +304,47 @@ class PrefixCache:
                 return
         while self.active_path[-1].end > aligned:
             self.active_path.pop()
+        self._release_live_path()
+
+    def _release_live_path(self) -> None:
+        """With ``page_in_moves``, close the active nodes' snapshots: the live layers hold the
+        same state, and leaving the path pages its nodes out again."""
+        if self._page_in_moves():
+            for node in self.active_path[1:]:
+                node.set_snapshots(None, self.ledger)
+
+    def _page_in_moves(self) -> bool:
+        return (
+            self.policy.page_in_moves and self.budget_bytes is not None and self._attention_only()
+        )
+
+    def _page_out_interior(self, nodes: list[Node]) -> None:
+        """Page out the active nodes above the frontier that the live layers alone hold (their
+        snapshots moved in), deepest first, rewinding to each one's end: attention only."""
+        for node in reversed(nodes):
+            if node.has_all_snapshots() or not self._attention_only():
+                continue
+            for layer in self.layers:
+                layer.restore(None, node.end)
+            self._attach_live_snapshots(node)
+            self.stats.page_outs += 1
+            log.debug("page out [%d, %d)", node.start, node.end)
 
     def _fall_back_to_root(self) -> None:
+        self._save_live_path()
         for layer in self.layers:
             layer.free()
         self.active_path = [self.root]
+
+    def _save_live_path(self) -> None:
+        """Before the live layers are freed, page out the active nodes that only they hold
+        (their snapshots moved in), so a failed restore further down loses none of them."""
+        if not self.policy.page_in_moves or not self._attention_only():
+            return
+        live = self.live_offset
+        for layer in self.layers:
+            layer.restore(None, live)
+        self._page_out_interior([node for node in self.active_path[1:] if node.end <= live])
 
     # ---- snapshots and trie growth --------------------------------------------------------
 
@@ -416,7 +466,8 @@ class PrefixCache:
             # A parent left with one child folds into it, unless it is a user restore point or
             # live (merging an active node would move the frontier under the live layers).
             if (
-                not parent.is_root
+                self.policy.merge_lone_children
+                and not parent.is_root
                 and not parent.user
                 and len(parent.children) == 1
                 and id(parent) not in active
@@ -517,6 +568,9 @@ class Session:
             frontier.user = frontier.user or user
             return
         frontier.user = frontier.user or user
+        if cache._page_in_moves():
+            cache._release_live_path()  # the node boundary is what counts; leaving pages out
+            return
         cache._attach_live_snapshots(frontier)
         log.debug("snapshot offset=%d user=%s", offset, user)
         cache._enforce_budget()

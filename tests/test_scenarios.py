@@ -247,3 +247,33 @@ def test_improved_policy_pages_out_whole_pages_only_over_budget(rig, budget_toke
     assert r.node_ranges() == [(0, 1), kept]
     assert r.cache.stats.evictions == 0
     assert r.run(long + [7]).cached_tokens == kept[1]
+
+
+def test_improved_policy_keeps_a_parent_after_its_leaf_is_evicted(rig):
+    # A fold would give the surviving leaf its parent's recency; it keeps its own instead.
+    r = rig("kv", budget=1 << 20, policy="kvtrie-improved")
+    r.run([1, 2, 3, 4, 5, 6, 7, 8])
+    r.run([1, 2, 3, 4, 9, 9])
+    r.run([40])
+    assert r.node_ranges() == [(0, 1), (0, 4), (4, 6), (4, 8)]
+    r.cache.set_budget(r.cache.paged_out_bytes - 1)  # the oldest leaf, [4, 8), goes
+    assert r.node_ranges() == [(0, 1), (0, 4), (4, 6)]
+    assert r.cache.stats.merges == 0
+    assert r.run([1, 2, 3, 4, 9, 9, 1]).cached_tokens == 6
+
+
+@pytest.mark.parametrize("budget", [None, 1 << 20])
+def test_improved_policy_moves_snapshots_into_the_live_path_under_a_budget(rig, budget):
+    r = rig("kv", budget=budget, policy="kvtrie-improved")  # 16 B a token
+    r.run(S + [1, 2, 3])
+    r.run([500])
+    assert r.cache.paged_out_bytes == 23 * 16
+    assert r.run(S + [1, 2, 3, 4]).cached_tokens == 23
+    held = [n.has_snapshots() for n in r.cache.active_path[1:]]
+    if budget is None:  # unbounded: the snapshots stay, nothing to gain
+        assert held[0] and r.cache.paged_out_bytes == (23 + 1) * 16  # + [500], paged out
+    else:  # the live layers hold the path; only what is off it is paged out
+        assert not any(held) and r.cache.paged_out_bytes == 1 * 16
+    r.run([600])  # leaving pages the whole path out again, every node restorable
+    assert r.cache.paged_out_bytes == (24 + 1) * 16
+    assert r.run(S + [1, 2, 3, 4, 5]).cached_tokens == 24
