@@ -594,7 +594,8 @@ def lru_prompt_cache_counts(
     budget: int | None,
 ) -> tuple[int, int]:
     """(cached tokens, peak bytes) of mlx-lm's own LRUPromptCache class over a simulated
-    workload: the real class decides what it keeps and reuses; entries only carry sizes."""
+    workload: the real class decides what it keeps and reuses; entries only carry sizes. As
+    for every peer, the sequence just served is live and does not count against the budget."""
     from mlx_lm.models.cache import LRUPromptCache
 
     store = LRUPromptCache(max_size=1 << 30, max_bytes=(1 << 62) if budget is None else budget)
@@ -606,10 +607,9 @@ def lru_prompt_cache_counts(
         if entry is not None and not rest and recurrent:
             reuse = 0  # an exact hit can't give its last token back
         cached += min(reuse, len(tokens) - 1)
-        store.insert_cache(
-            "model",
-            evaluated.tolist(),
-            [_CountedEntry(len(evaluated), per_token, per_sequence, not recurrent)],
-        )
-        peak = max(peak, store.nbytes)
+        live = _CountedEntry(len(evaluated), per_token, per_sequence, not recurrent)
+        if budget is not None:
+            store.max_bytes = budget + live.nbytes
+        store.insert_cache("model", evaluated.tolist(), [live])
+        peak = max(peak, store.nbytes - live.nbytes)
     return cached, peak

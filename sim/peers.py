@@ -4,6 +4,10 @@ Each peer serves ``(prompt, evaluated)`` pairs (evaluated = prompt + outputs but
 returns the prompt tokens it reuses, keeping at least one token to evaluate. Bytes are the
 model profile's attention bytes per token; a peer that stores whole sequences (single entry,
 mlx-lm, llama.cpp) also pays the recurrent state once per stored sequence.
+
+The accounting is kvtrie's: the budget bounds what is kept beyond the live sequence. kvtrie's
+live layers hold the request just served outside its paged-out budget, so every peer keeps the
+sequence it just served for free too, and counts (and reports as peak bytes) the rest.
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ class Ideal(Peer):
 
 class SingleEntry(Peer):
     """The design the trie replaced: one sequence, trimmed to the common prefix, freed on a
-    miss."""
+    miss. That sequence is the live one, so it costs nothing against the budget."""
 
     name = "single-entry"
 
@@ -94,9 +98,7 @@ class SingleEntry(Peer):
 
     def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
         cached = min(_reusable(self.tokens, prompt, self.costs.recurrent), len(prompt) - 1)
-        size = len(evaluated) * self.costs.per_token + self.costs.per_sequence
-        self.tokens = evaluated if self.fits(size) else np.empty(0, dtype=np.int32)
-        self.account(size if len(self.tokens) else 0)
+        self.tokens = evaluated
         return cached
 
 
@@ -156,7 +158,7 @@ class WholeSequences(Peer):
         self.entries: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self.total = 0
 
-    def _size(self, tokens: np.ndarray) -> int:
+    def size(self, tokens: np.ndarray) -> int:
         return len(tokens) * self.costs.per_token + self.costs.per_sequence
 
     def _stored_prefixes(self, tokens: np.ndarray) -> list[int]:
@@ -178,27 +180,19 @@ class WholeSequences(Peer):
                 del node.parent.children[int(node.tokens[0])]
                 break
         del self.entries[tokens.tobytes()]
-        self.total -= self._size(tokens)
+        self.total -= self.size(tokens)
 
     def best_reuse(self, prompt: np.ndarray) -> int:
-        """Prompt tokens the best stored sequence gives back; it becomes the most recent."""
+        """Prompt tokens the best stored sequence gives back. Like mlx-lm, a fetch does not
+        refresh the sequence's place in the LRU order; storing the new sequence does."""
         if self.costs.recurrent:
             ends = self._stored_prefixes(prompt)
-            best = ends[-1] if ends else 0
-            if best:
-                self.entries.move_to_end(prompt[:best].tobytes())
-            return best
-        path, best = _walk(self.root, prompt)
-        node = path[-1]
-        while node.ends == 0 and node.children:  # a stored sequence through the match point
-            node = next(iter(node.children.values()))
-        if best:
-            tokens = np.concatenate([n.tokens for n in reversed(_ancestors(node))])
-            self.entries.move_to_end(tokens.tobytes())
-        return best
+            return ends[-1] if ends else 0
+        return _walk(self.root, prompt)[1]
 
-    def store(self, tokens: np.ndarray) -> None:
-        """Keep ``tokens`` as a sequence (dropping its stored prefixes), then fit the budget."""
+    def store(self, tokens: np.ndarray, live: bool = False) -> None:
+        """Keep ``tokens`` as a sequence (dropping its stored prefixes), then fit the budget;
+        a ``live`` sequence (the one just served) does not count against it."""
         if not self.costs.recurrent:
             for end in self._stored_prefixes(tokens):
                 if end < len(tokens):
@@ -208,30 +202,28 @@ class WholeSequences(Peer):
             for node in path[1:]:
                 node.count += 1
             path[-1].ends += 1
-            self.total += self._size(tokens)
+            self.total += self.size(tokens)
         self.entries[tokens.tobytes()] = tokens
         self.entries.move_to_end(tokens.tobytes())
-        while not self.fits(self.total) and self.entries:
+        self.fit(self.size(tokens) if live else 0)
+
+    def fit(self, live_bytes: int = 0) -> None:
+        """Drop the least recently used sequences until all but ``live_bytes`` fit the budget;
+        the most recent sequence stays when it is the live one."""
+        keep = 1 if live_bytes else 0
+        while not self.fits(self.total - live_bytes) and len(self.entries) > keep:
             self._remove(next(iter(self.entries.values())))
-        self.account(self.total)
+        self.account(self.total - live_bytes)
 
     def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
         best = self.best_reuse(prompt)
-        self.store(evaluated)
+        self.store(evaluated, live=True)
         return min(best, len(prompt) - 1)
-
-
-def _ancestors(node: _Radix) -> list[_Radix]:
-    out = []
-    while node.parent is not None:
-        out.append(node)
-        node = node.parent
-    return out
 
 
 class RadixCache(Peer):
     """SGLang's RadixCache: a radix tree of tokens; leaves evicted least recently used first;
-    the request being served is locked."""
+    the request being served is locked, and is the live sequence."""
 
     name = "sglang-radix"
 
@@ -248,16 +240,16 @@ class RadixCache(Peer):
         self.tokens += added
         for node in path:
             node.last_used = self.clock
-        self._evict({id(n) for n in path})
-        self.account(self.tokens * self.costs.per_token)
+        self._evict({id(n) for n in path}, len(evaluated))
+        self.account((self.tokens - len(evaluated)) * self.costs.per_token)
         return min(matched, len(prompt) - 1)
 
-    def _evict(self, locked: set[int]) -> None:
-        if self.fits(self.tokens * self.costs.per_token):
+    def _evict(self, locked: set[int], live: int) -> None:
+        if self.fits((self.tokens - live) * self.costs.per_token):
             return
         leaves = [(n.last_used, id(n), n) for n in self._nodes() if not n.children and n.parent]
         heapq.heapify(leaves)
-        while leaves and not self.fits(self.tokens * self.costs.per_token):
+        while leaves and not self.fits((self.tokens - live) * self.costs.per_token):
             _, _, leaf = heapq.heappop(leaves)
             if id(leaf) in locked:
                 continue
@@ -288,7 +280,8 @@ def block_hashes(tokens: np.ndarray) -> list[int]:
 
 class BlockLRU(Peer):
     """vLLM prefix caching: full blocks keyed by chained hashes, an LRU queue of free blocks
-    (a finished request's blocks are queued tail first), the last prompt token recomputed."""
+    (a finished request's blocks are queued tail first), the last prompt token recomputed. The
+    blocks of the request just served are the live ones, queued last."""
 
     name = "vllm-blocks"
 
@@ -303,20 +296,21 @@ class BlockLRU(Peer):
             if h not in self.blocks:
                 break
             hits += 1
-        for h in reversed(block_hashes(evaluated)):  # tail blocks queue first, go first
+        live = block_hashes(evaluated)
+        for h in reversed(live):  # tail blocks queue first, go first
             self.blocks[h] = None
             self.blocks.move_to_end(h)
         if self.capacity is not None:
-            while len(self.blocks) > self.capacity:
+            while len(self.blocks) - len(live) > self.capacity:
                 self.blocks.popitem(last=False)
-        self.account(len(self.blocks) * BLOCK * self.costs.per_token)
+        self.account((len(self.blocks) - len(live)) * BLOCK * self.costs.per_token)
         return hits * BLOCK
 
 
 class Slots(Peer):
     """llama.cpp's server: a few slots each holding one sequence (the most similar is picked,
-    else the least recently used), and a host prompt cache of the sequences slots gave up,
-    within the byte budget."""
+    else the least recently used), and a host prompt cache of the sequences slots gave up. The
+    budget holds the host cache and every slot but the live one."""
 
     name = "llamacpp-slots"
     SLOTS = 4
@@ -335,9 +329,24 @@ class Slots(Peer):
         cached = max(scores[slot], self.host.best_reuse(prompt))
         if scores[slot] == 0 and len(self.slots[slot]):
             self.host.store(self.slots[slot])  # the slot's sequence moves to host memory
-            self.account(self.host.total)
         self.slots[slot], self.used[slot] = evaluated, self.clock
+        self._fit(slot)
         return min(cached, len(prompt) - 1)
+
+    def _fit(self, live: int) -> None:
+        """While the other slots and the host cache exceed the budget, the least recently used
+        other slot gives its sequence to the host cache, which evicts to what is left."""
+        while True:
+            others = [i for i, s in enumerate(self.slots) if i != live and len(s)]
+            held = sum(self.host.size(self.slots[i]) for i in others)
+            self.host.budget = None if self.budget is None else max(0, self.budget - held)
+            self.host.fit()
+            if not others or self.fits(held + self.host.total):
+                break
+            oldest = min(others, key=lambda i: self.used[i])
+            self.host.store(self.slots[oldest])
+            self.slots[oldest] = np.empty(0, dtype=np.int32)
+        self.account(held + self.host.total)
 
 
 class Belady(Peer):
@@ -374,20 +383,27 @@ class Belady(Peer):
                 break
             hits += 1
         blocks = block_hashes(evaluated)
+        live = set(blocks)  # the request just served: live, kept, not counted
         self.index += 1
         for depth, h in enumerate(blocks):
             self.cached[h] = depth
             heapq.heappush(self.heap, (-self._next_use(h), -depth, h))
         if self.capacity is not None:
-            while len(self.cached) > self.capacity and self.heap:
-                negative, depth, h = heapq.heappop(self.heap)
+            held_back = []
+            while len(self.cached) - len(live) > self.capacity and self.heap:
+                entry = heapq.heappop(self.heap)
+                negative, depth, h = entry
                 if h not in self.cached:
                     continue
-                if -negative == self._next_use(h):
+                if h in live:
+                    held_back.append(entry)
+                elif -negative == self._next_use(h):
                     del self.cached[h]
                 else:  # its next use moved on: queue it again with the right one
                     heapq.heappush(self.heap, (-self._next_use(h), depth, h))
-        self.account(len(self.cached) * BLOCK * self.costs.per_token)
+            for entry in held_back:
+                heapq.heappush(self.heap, entry)
+        self.account((len(self.cached) - len(live)) * BLOCK * self.costs.per_token)
         return hits * BLOCK
 
 

@@ -68,21 +68,35 @@ def test_bounds_hold_for_every_peer(trace):
             cached, peer = serve_all(name, workload, budget, costs)
             assert 0 <= sum(cached) <= ideal, name
             assert all(c < len(p) for c, (p, _) in zip(cached, workload)), f"{name}: I8"
-            if budget is not None and name not in ("sglang-radix", "ideal"):
+            if budget is not None and name != "ideal":
                 assert peer.peak_bytes <= budget, name
     for name in ("mlx-lm", "sglang-radix"):  # unbounded token-level caches reach the bound
         assert sum(serve_all(name, workload, None, costs)[0]) == ideal
 
 
+@pytest.mark.parametrize("profile", ["llama-8b", "qwen3-next-hybrid"])
 @pytest.mark.parametrize("trace", ["agent", "branching", "system-prompt"])
-def test_simulated_mlx_lm_matches_the_real_class_unbounded(trace):
+def test_simulated_mlx_lm_matches_the_real_class(trace, profile):
     from kvtrie.backends.mlx import lru_prompt_cache_counts
 
-    workload, profile = workload_of(trace)
+    workload, profile = workload_of(trace, profile)
     costs = costs_of(profile)
-    simulated = sum(serve_all("mlx-lm", workload, None, costs)[0])
-    real, _ = lru_prompt_cache_counts(workload, costs.per_token, 0, False, None)
-    assert simulated == real
+    for budget in (None, 256 << 20, 1 << 30):
+        cached, peer = serve_all("mlx-lm", workload, budget, costs)
+        real = lru_prompt_cache_counts(
+            workload, costs.per_token, costs.per_sequence, costs.recurrent, budget
+        )
+        assert (sum(cached), peer.peak_bytes) == real, budget
+
+
+@pytest.mark.parametrize(
+    "name", ["single-entry", "mlx-lm", "sglang-radix", "vllm-blocks", "llamacpp-slots", "belady"]
+)
+def test_every_peer_keeps_the_live_sequence_outside_the_budget(name):
+    # As kvtrie's live layers do: at budget 0 the sequence just served is still reused.
+    first = seq(A, [7] * 9)
+    cached, peer = serve_all(name, [(A, first), (seq(first, [8]), seq(first, [8]))], budget=0)
+    assert cached[1] >= 2 * BLOCK and peer.peak_bytes == 0
 
 
 def test_sweep_improved_policy_reaches_the_ideal_unbounded_and_beats_block_lru():
