@@ -489,10 +489,10 @@ def mlxlm_prompt_cache_replay(
     backend: MLXBackend, requests: Sequence[tuple[np.ndarray, np.ndarray]], max_bytes: int | None
 ) -> dict[str, int]:
     """Serve ``(prompt, outputs)`` requests through mlx-lm's own ``LRUPromptCache`` (the
-    server's prompt cache) at ``max_bytes``, counting what it reuses and recomputes.
-
-    As in kvtrie, at least one prompt token is evaluated: an exact hit on a trimmable cache
-    gives its last token back; on a cache that can't trim it is recomputed from scratch.
+    server's prompt cache) at ``max_bytes``, counting what it reuses and recomputes. As in
+    kvtrie, the sequence just served is live and does not count against ``max_bytes``, and at
+    least one prompt token is evaluated: an exact hit on a trimmable cache gives its last token
+    back; on a cache that can't trim it is recomputed from scratch.
     """
     from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
@@ -515,6 +515,8 @@ def mlxlm_prompt_cache_replay(
         if len(outputs) > 1:
             backend.evaluate(layers, outputs[:-1])
         evaluated = np.concatenate([prompt, outputs[:-1]])
+        if max_bytes is not None:
+            store.max_bytes = max_bytes + sum(cache.nbytes for cache in caches)
         store.insert_cache(backend.model_name, [int(t) for t in evaluated], caches)
         counts["prompt_tokens"] += len(prompt)
         counts["computed_tokens"] += len(rest)
