@@ -261,7 +261,8 @@ class PrefixCache:
         ancestor_end = old_path[common - 1].end if common else 0
 
         # Only the frontier's live state is right for every layer (a recurrent layer holds the
-        # state at the frontier, not at any node above it), so only the frontier is paged out.
+        # state at the frontier, not at any node above it), so only the frontier is paged out;
+        # on an attention-only model, so are the nodes above it whose snapshots moved in.
         frontier = old_path[-1]
         if len(old_path) - 1 >= common and not frontier.has_all_snapshots():
             self._attach_live_snapshots(frontier)
@@ -550,7 +551,8 @@ class Session:
         return result
 
     def snapshot(self, user: bool = False) -> None:
-        """Advance the trie to the live offset and attach fresh snapshots there."""
+        """Advance the trie to the live offset and attach fresh snapshots there (with
+        ``page_in_moves``, only the node boundary: leaving the path pages the node out)."""
         self._check_open()
         cache = self.cache
         offset = cache.live_offset
