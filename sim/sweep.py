@@ -257,7 +257,7 @@ def _plots(
     ax.set_xscale("log")
     ticks = finite + ([inf_x] if None in budgets else [])
     ax.set_xticks(ticks, [_budget_label(b) for b in finite] + (["inf"] if None in budgets else []))
-    ax.set_xlabel("budget (paged-out bytes)")
+    ax.set_xlabel("budget (bytes kept beyond the live sequence)")
     ax.set_ylabel("hit ratio (cached / prompt tokens)")
     ax.set_title(f"Hit ratio vs budget: {title}")
     ax.grid(True, alpha=0.3)
