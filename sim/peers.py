@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -278,6 +278,17 @@ def block_hashes(tokens: np.ndarray) -> list[int]:
     return [int(h) for h in prefix_hashes(0, tokens[:full], salt=0x5151)[BLOCK - 1 :: BLOCK]]
 
 
+def _leading_hits(prompt: np.ndarray, held: Container[int]) -> int:
+    """How many of the prompt's full blocks, from the first, are held; the last prompt token
+    is always recomputed, so it never completes a block."""
+    hits = 0
+    for h in block_hashes(prompt[:-1]):
+        if h not in held:
+            break
+        hits += 1
+    return hits
+
+
 class BlockLRU(Peer):
     """vLLM prefix caching: full blocks keyed by chained hashes, an LRU queue of free blocks
     (a finished request's blocks are queued tail first), the last prompt token recomputed. The
@@ -291,11 +302,7 @@ class BlockLRU(Peer):
         self.capacity = None if budget is None else budget // (BLOCK * costs.per_token)
 
     def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
-        hits = 0
-        for h in block_hashes(prompt[:-1]):
-            if h not in self.blocks:
-                break
-            hits += 1
+        hits = _leading_hits(prompt, self.blocks)
         live = block_hashes(evaluated)
         for h in reversed(live):  # tail blocks queue first, go first
             self.blocks[h] = None
@@ -377,11 +384,7 @@ class Belady(Peer):
         return times[-1] if times else 1 << 62
 
     def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
-        hits = 0
-        for h in block_hashes(prompt[:-1]):
-            if h not in self.cached:
-                break
-            hits += 1
+        hits = _leading_hits(prompt, self.cached)
         blocks = block_hashes(evaluated)
         live = set(blocks)  # the request just served: live, kept, not counted
         self.index += 1
