@@ -131,7 +131,7 @@ class _FakeSnapshot:
 
 
 @dataclass
-class _Segment:
+class Segment:
     """A run of KV positions: the hash value before it, its tokens, and its last value."""
 
     before: int
@@ -141,7 +141,7 @@ class _Segment:
 
 class KVSnapshot(_FakeSnapshot):
     def __init__(
-        self, segments: list[_Segment], start: int, spec: LayerSpec, ledger: SnapshotLedger
+        self, segments: list[Segment], start: int, spec: LayerSpec, ledger: SnapshotLedger
     ):
         length = sum(len(s.tokens) for s in segments)
         super().__init__(start, start + length, length * spec.bytes_per_token * spec.count, ledger)
@@ -232,7 +232,7 @@ class FakeKVCache(RangeSnapshots, _FakeLayer):
             return None
         start = max(0, from_offset)
         before = int(self._values[start - 1]) if start else self.seed
-        segment = _Segment(
+        segment = Segment(
             before, self._tokens[start : self._offset].copy(), int(self._values[self._offset - 1])
         )
         return KVSnapshot([segment], start, self.spec, self.ledger)
@@ -262,15 +262,15 @@ class FakeKVCache(RangeSnapshots, _FakeLayer):
 
     def _cut(self, snapshot: Snapshot, cut: int, at: int) -> tuple[Snapshot, Snapshot]:
         assert isinstance(snapshot, KVSnapshot)
-        head: list[_Segment] = []
-        tail: list[_Segment] = []
+        head: list[Segment] = []
+        tail: list[Segment] = []
         pos = 0
         for segment in snapshot.segments:
             n = len(segment.tokens)
             if pos + n <= cut:
-                head.append(_Segment(segment.before, segment.tokens.copy(), segment.checksum))
+                head.append(Segment(segment.before, segment.tokens.copy(), segment.checksum))
             elif pos >= cut:
-                tail.append(_Segment(segment.before, segment.tokens.copy(), segment.checksum))
+                tail.append(Segment(segment.before, segment.tokens.copy(), segment.checksum))
             else:
                 k = cut - pos
                 values = prefix_hashes(segment.before, segment.tokens, self.salt)
@@ -279,11 +279,11 @@ class FakeKVCache(RangeSnapshots, _FakeLayer):
                 # checksum would otherwise be recomputed from the damaged tokens and pass.
                 intact = int(values[-1]) == segment.checksum
                 head.append(
-                    _Segment(
+                    Segment(
                         segment.before, segment.tokens[:k].copy(), middle if intact else middle ^ 1
                     )
                 )
-                tail.append(_Segment(middle, segment.tokens[k:].copy(), segment.checksum))
+                tail.append(Segment(middle, segment.tokens[k:].copy(), segment.checksum))
             pos += n
         return (
             KVSnapshot(head, snapshot.start, self.spec, self.ledger),

@@ -1,12 +1,30 @@
-"""Eviction orders: which paged-out node goes first when the budget is exceeded."""
+"""Eviction: which paged-out node goes first, the index that finds it, and what evicting does.
+
+The order is a strategy (:class:`EvictionOrder`); :class:`EvictionIndex` keeps the evictable
+nodes in a lazy heap keyed by it, updated wherever the trie touches a node, so finding a victim
+costs O(log n) instead of a walk of the whole trie. :class:`Evictor` enforces the budget with
+it: leaves are removed (or trimmed, with :class:`~kvtrie.core.policy.TrimTailPages`), lone
+children merged, branch points keep their place and drop their snapshots.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+import heapq
+import itertools
+import logging
+import math
+from typing import TYPE_CHECKING, Protocol
 
-from .trie import Node
+from .trie import Node, merge_with_child, remove_leaf, split_node, walk
 
-__all__ = ["EvictionOrder", "OldestDeepestLargest"]
+if TYPE_CHECKING:  # the cache builds its evictor; the evictor only reads it
+    from .prefix_cache import PrefixCache
+
+__all__ = ["EvictionIndex", "EvictionOrder", "Evictor", "OldestDeepestLargest", "TRIM_PAGE"]
+
+log = logging.getLogger(__name__)
+
+TRIM_PAGE = 16  # tokens: leaves are trimmed, and paged out under pressure, in pages of this size
 
 
 class EvictionOrder(Protocol):
@@ -24,3 +42,170 @@ class OldestDeepestLargest:
 
     def priority(self, node: Node) -> tuple[int, ...]:
         return (node.last_used, -node.end, -node.snapshot_bytes)
+
+
+class EvictionIndex:
+    """The nodes holding snapshots, in a heap by eviction priority, kept up to date lazily.
+
+    Every node the trie touches is pushed with its priority at that moment; an entry whose node
+    has since left the trie, dropped its snapshots or changed priority is stale and skipped when
+    it reaches the top (a changed one is pushed again with its new priority). Nodes on the
+    active path are set aside while a victim is found and put back after. The heap is rebuilt
+    from the trie when stale entries outnumber live ones, so it stays O(nodes).
+    """
+
+    def __init__(self, order: EvictionOrder) -> None:
+        self.order = order
+        self.enabled = False
+        self._heap: list[tuple[tuple[int, ...], int, Node]] = []
+        self._seq = itertools.count()
+        self._rebuild_at = 4096
+
+    def touched(self, node: Node) -> None:
+        """The trie changed ``node`` (its snapshots, edge, place or last use)."""
+        if self.enabled and node.parent is not None and node.snapshots is not None:
+            heapq.heappush(self._heap, (self.order.priority(node), next(self._seq), node))
+
+    def enable(self, root: Node) -> None:
+        """Start indexing (the cache got a budget): index every node holding snapshots."""
+        if not self.enabled:
+            self.enabled = True
+            self.rebuild(root)
+
+    def disable(self) -> None:
+        """Stop indexing (the budget is unbounded): nothing will be evicted."""
+        self.enabled = False
+        self._heap = []
+
+    def rebuild(self, root: Node) -> None:
+        self._heap = [
+            (self.order.priority(n), next(self._seq), n)
+            for n in walk(root)
+            if n.parent is not None and n.snapshots is not None
+        ]
+        heapq.heapify(self._heap)
+        self._rebuild_at = max(4096, 4 * len(self._heap))
+
+    def evictable(self, node: Node, active: set[int]) -> bool:
+        """A node may be evicted when it is in the trie, off the active path and holds
+        snapshots."""
+        return id(node) not in active and not node.is_root and node.has_snapshots()
+
+    def pop_victim(self, root: Node, active: set[int]) -> Node | None:
+        """Remove and return the first node in eviction order that may be evicted, or None."""
+        if len(self._heap) > self._rebuild_at:
+            self.rebuild(root)
+        heap = self._heap
+        held = []
+        victim = None
+        while heap:
+            priority, seq, node = heapq.heappop(heap)
+            if node.parent is None or not node.has_snapshots():
+                continue  # left the trie or dropped its snapshots: stale
+            current = self.order.priority(node)
+            if current != priority:
+                heapq.heappush(heap, (current, next(self._seq), node))
+                continue
+            if not self.evictable(node, active):
+                held.append((priority, seq, node))
+                continue
+            victim = node
+            break
+        for entry in held:
+            heapq.heappush(heap, entry)
+        return victim
+
+
+class EvictionObserver(Protocol):
+    """Told of every eviction before it happens (the invariant checker's audit is one)."""
+
+    def evicting(self, cache: PrefixCache, victim: Node, active: set[int]) -> None: ...
+
+
+class Evictor:
+    """Keeps a cache's paged-out bytes within its budget, in the policy's eviction order."""
+
+    def __init__(self, cache: PrefixCache) -> None:
+        self.cache = cache
+        self.index = EvictionIndex(cache.policy.eviction)
+        self.observers: list[EvictionObserver] = []
+        cache.ledger.listeners.append(self.index.touched)
+
+    def budget_changed(self) -> None:
+        if self.cache.budget_bytes is None:
+            self.index.disable()
+        else:
+            self.index.enable(self.cache.root)
+
+    def used(self, nodes: list[Node]) -> None:
+        """The nodes' last use changed: their priorities did."""
+        for node in nodes:
+            self.index.touched(node)
+
+    def enforce(self) -> None:
+        """Evict until paged-out bytes fit the budget or only active snapshots are left."""
+        cache = self.cache
+        budget = cache.budget_bytes
+        if budget is None or cache.ledger.total <= budget:
+            return
+        active = {id(node) for node in cache.active_path}
+        while cache.ledger.total > budget:
+            victim = self.index.pop_victim(cache.root, active)
+            if victim is None:
+                break
+            for observer in self.observers:
+                observer.evicting(cache, victim, active)
+            self.evict(victim, active)
+
+    def evict(self, node: Node, active: set[int]) -> None:
+        cache = self.cache
+        cache.stats.evictions += 1
+        log.debug(
+            "evict start=%d end=%d children=%d bytes=%d user=%s",
+            node.start,
+            node.end,
+            len(node.children),
+            node.snapshot_bytes,
+            node.user,
+        )
+        if not node.children and self.trim_leaf(node):
+            return
+        if not node.children:
+            parent = node.parent
+            assert parent is not None
+            remove_leaf(node, cache.ledger)
+            # A parent left with one child folds into it, unless it is a user restore point or
+            # live (merging an active node would move the frontier under the live layers).
+            if (
+                cache.policy.merge_lone_children.on
+                and not parent.is_root
+                and not parent.user
+                and len(parent.children) == 1
+                and id(parent) not in active
+            ):
+                merge_with_child(parent, cache.layers, cache.ledger)
+                cache.stats.merges += 1
+        elif len(node.children) == 1:
+            merge_with_child(node, cache.layers, cache.ledger)
+            cache.stats.merges += 1
+        else:
+            node.set_snapshots(None, cache.ledger)  # a branch point keeps its place
+
+    def trim_leaf(self, node: Node) -> bool:
+        """With :class:`~kvtrie.core.policy.TrimTailPages`, drop just enough whole pages from
+        the end of a leaf to fit the budget, keeping its prefix restorable; False when the
+        whole leaf has to go."""
+        cache = self.cache
+        if not cache.policy.trim_tail_pages.on or cache.budget_bytes is None:
+            return False
+        if not node.has_all_snapshots():
+            return False
+        per_token = node.snapshot_bytes / len(node.tokens)
+        tokens = math.ceil((cache.ledger.total - cache.budget_bytes) / per_token)
+        keep = len(node.tokens) - math.ceil(tokens / TRIM_PAGE) * TRIM_PAGE
+        if keep < 1:
+            return False
+        split_node(node, keep, cache.layers, cache.ledger)
+        cache.stats.splits += 1
+        remove_leaf(node, cache.ledger)
+        return True

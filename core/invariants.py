@@ -18,7 +18,7 @@ from .prefix_cache import PrefixCache, RequestAccount, Session
 from .protocols import LayerCache, LayerKind
 from .trie import Node, walk
 
-__all__ = ["Checker", "Violation", "check", "check_request"]
+__all__ = ["Checker", "EvictionAudit", "Violation", "check", "check_request"]
 
 
 @dataclass(frozen=True)
@@ -99,27 +99,60 @@ def _check_active_path(cache: PrefixCache, out: list[Violation]) -> None:
             )
 
 
-def _order_key(facts: tuple[int, int, int]) -> tuple[int, int, int]:
+def _order_key(node: Node) -> tuple[int, int, int]:
     """SPEC.md's eviction order, computed here and not by the cache: oldest, deepest, largest."""
-    last_used, end, nbytes = facts
-    return (last_used, -end, -nbytes)
+    return (node.last_used, -node.end, -node.snapshot_bytes)
 
 
-def _check_evictions(cache: PrefixCache, out: list[Violation]) -> None:
-    """EVICT: each evicted node came first in the seed's order among the candidates it had."""
-    evictions = cache.ledger.take_evictions()
-    if cache.policy.eviction.name != OldestDeepestLargest.name:
-        return
-    for victim, candidates in evictions:
+def _facts(node: Node) -> tuple[int, int, int]:
+    return (node.last_used, node.end, node.snapshot_bytes)
+
+
+class EvictionAudit:
+    """Recomputes each eviction's victim from a walk of the trie, independently of the cache's
+    eviction index, so the index is verified rather than trusted.
+
+    A walk per eviction costs what the index saves, so unless ``every_eviction`` is set only
+    the first eviction after each check is audited (the fuzzer audits every one).
+    """
+
+    def __init__(self, cache: PrefixCache, every_eviction: bool) -> None:
+        self.every_eviction = every_eviction
+        self.due = True
+        self.audited = 0
+        self.violations: list[Violation] = []
+        self.checks_order = cache.policy.eviction.name == OldestDeepestLargest.name
+        cache.evictor.observers.append(self)
+
+    def evicting(self, cache: PrefixCache, victim: Node, active: set[int]) -> None:
+        if not (self.every_eviction or self.due):
+            return
+        self.due = False
+        self.audited += 1
+        on_path = {id(n) for n in cache.active_path}
+        if id(victim) in on_path:
+            self.violations.append(Violation("I7", f"evicting active {_where(victim)}"))
+        candidates = [
+            n
+            for n in walk(cache.root)
+            if id(n) not in on_path and not n.is_root and n.has_snapshots()
+        ]
+        if not self.checks_order or not candidates:
+            return
         first = min(candidates, key=_order_key)
         if _order_key(victim) != _order_key(first):
-            out.append(
+            self.violations.append(
                 Violation(
                     "EVICT",
-                    f"evicted (last_used, end, bytes) = {victim} before {first}, which is "
-                    "older, deeper or larger",
+                    f"evicted (last_used, end, bytes) = {_facts(victim)} before "
+                    f"{_facts(first)}, which is older, deeper or larger",
                 )
             )
+
+    def take(self) -> list[Violation]:
+        found, self.violations = self.violations, []
+        self.due = True
+        return found
 
 
 def _check_used(cache: PrefixCache, nodes: list[Node], out: list[Violation]) -> None:
@@ -231,7 +264,6 @@ def _check_shared(
     _check_active_path(cache, out)
     _check_live(cache, session, out)
     _check_accounting(cache, out)
-    _check_evictions(cache, out)
     if session is not None:
         out.extend(check_request(session.account))
         if session.closed:
@@ -267,11 +299,11 @@ class Checker:
     """The invariants of :func:`check` after every request, in time proportional to the nodes
     touched since the last call (a snapshot held twice is found by the full :func:`check`)."""
 
-    def __init__(self, cache: PrefixCache) -> None:
+    def __init__(self, cache: PrefixCache, audit_every_eviction: bool = False) -> None:
         self.cache = cache
-        cache.ledger.tracking = True
-        cache.ledger.take_touched()
-        cache.ledger.take_evictions()
+        self._touched: set[Node] = set()
+        cache.ledger.listeners.append(self._touched.add)
+        self.audit = EvictionAudit(cache, audit_every_eviction)
         self._bytes: dict[Node, int] = {}
         self._counts: dict[Node, int] = {}
         self._tally = 0
@@ -303,7 +335,8 @@ class Checker:
 
     def check(self, session: Session | None = None) -> list[Violation]:
         out: list[Violation] = []
-        touched = self.cache.ledger.take_touched()
+        touched = set(self._touched)
+        self._touched.clear()
         for node in touched:
             if self._attached(node):
                 self._record(node, out)
@@ -316,4 +349,5 @@ class Checker:
         ):
             _check_budget(self.cache, [n for n in self._bytes if n.has_snapshots()], out)
         _check_shared(self.cache, session, [n for n in touched if self._attached(n)], out)
+        out.extend(self.audit.take())
         return out

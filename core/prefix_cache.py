@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .evict import EvictionOrder, OldestDeepestLargest
+from .evict import TRIM_PAGE, Evictor
+from .policy import POLICIES, CachePolicy
 from .protocols import LayerCache, LayerKind
 from .trie import (
     ByteLedger,
@@ -30,8 +30,6 @@ from .trie import (
     append_tokens,
     as_tokens,
     match,
-    merge_with_child,
-    remove_leaf,
     shorten_bare_leaf,
     split_node,
     walk,
@@ -50,44 +48,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_BUDGET_BYTES = 8 << 30
-TRIM_PAGE = 16  # tokens: leaves are trimmed in pages of this size
-
-
-@dataclass(frozen=True)
-class CachePolicy:
-    """The choices that differ between the seed's behaviour and kvtrie's improvements."""
-
-    name: str = "kvtrie-seed"
-    # On a match ending inside an edge, keep the matched part when every layer can rewind to it.
-    reuse_partial_edge: bool = False
-    # When extending a leaf, keep its snapshots (add a child) instead of dropping them.
-    keep_restore_points: bool = False
-    # Snapshot every this many tokens of a long prefill (0: only where the seed does).
-    snapshot_interval: int = 0
-    # Evict only the tail of a long attention-only leaf, page by page, when that is enough.
-    trim_leaves: bool = False
-    # Over budget, a leaf being paged out keeps whole pages only (as block caches store it).
-    whole_pages_under_pressure: bool = False
-    # Under a budget, paging a node in moves its snapshots into the live layers instead of
-    # copying them, so the live path is not held twice; leaving it pages its nodes out again.
-    page_in_moves: bool = False
-    # After a leaf eviction, fold a parent left with one child into it (the seed's rule).
-    merge_lone_children: bool = True
-    eviction: EvictionOrder = field(default_factory=OldestDeepestLargest)
-
-
-POLICIES: dict[str, CachePolicy] = {
-    "kvtrie-seed": CachePolicy(),
-    "kvtrie-improved": CachePolicy(
-        name="kvtrie-improved",
-        reuse_partial_edge=True,
-        keep_restore_points=True,
-        trim_leaves=True,
-        whole_pages_under_pressure=True,
-        page_in_moves=True,
-        merge_lone_children=False,
-    ),
-}
 
 
 @dataclass
@@ -131,24 +91,29 @@ class PrefixCache:
     ) -> None:
         if not layers:
             raise ValueError("a prefix cache needs at least one layer")
-        if budget_bytes is not None and budget_bytes < 0:
-            raise ValueError(f"budget_bytes must be >= 0 or None (unbounded), got {budget_bytes}")
+        _check_budget(budget_bytes)
         self.layers = list(layers)
         self.budget_bytes = budget_bytes
-        self.policy = policy or CachePolicy()
+        kinds = {layer.kind for layer in self.layers}
+        # Only attention layers rewind to any node's end, so only they can page out the nodes
+        # above the frontier; the policy drops, once, the choices these layers can't support.
+        self.attention_only = kinds == {LayerKind.KV}
+        self.policy = (policy or CachePolicy()).for_layers(kinds)
         self.clock = clock or itertools.count(1).__next__
         self.ledger = ByteLedger()
         self.stats = CacheStats()
         self.root = Node(tokens=as_tokens([]), end=0, last_used=self.clock())
         self.active_path: list[Node] = [self.root]
+        self.evictor = Evictor(self)
+        self.evictor.budget_changed()
         self._session: Session | None = None
 
     def set_budget(self, budget_bytes: int | None) -> None:
         """Change the budget (None: unbounded) and evict down to it at once."""
-        if budget_bytes is not None and budget_bytes < 0:
-            raise ValueError(f"budget_bytes must be >= 0 or None (unbounded), got {budget_bytes}")
+        _check_budget(budget_bytes)
         self.budget_bytes = budget_bytes
-        self._enforce_budget()
+        self.evictor.budget_changed()
+        self.evictor.enforce()
 
     @property
     def paged_out_bytes(self) -> int:
@@ -163,6 +128,13 @@ class PrefixCache:
     def live_bytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
 
+    @property
+    def page_in_moves(self) -> bool:
+        """Whether a page-in moves snapshots into the live layers now
+        (:class:`~kvtrie.core.policy.PageInMoves`): only under a budget, since an unbounded
+        cache has no reason to hold the live path once."""
+        return self.policy.page_in_moves.on and self.budget_bytes is not None
+
     # ---- begin / switch -------------------------------------------------------------------
 
     def begin(self, prompt: Sequence[int] | np.ndarray) -> Session:
@@ -176,7 +148,7 @@ class PrefixCache:
         if self._session is not None:
             self._session.close(self._session.outputs)
         path, longest = match(self.root, tokens)
-        path, matched = self._leave_one_token(tokens, path, longest)
+        path, matched = self.leave_one_token(tokens, path, longest)
         partial = len(path) > 1 and path[-1].start < matched < path[-1].end
         prefix = self._switch_to_match(path, tokens[:matched], partial)
         snapshot_at = matched if (partial or (prefix == 0 and matched > 0)) else 0
@@ -197,7 +169,7 @@ class PrefixCache:
         self._session = Session(self, tokens, account, snapshot_at)
         return self._session
 
-    def _leave_one_token(
+    def leave_one_token(
         self, tokens: np.ndarray, path: list[Node], matched: int
     ) -> tuple[list[Node], int]:
         """The longest match of ``tokens`` that leaves at least one token to evaluate, so
@@ -209,11 +181,11 @@ class PrefixCache:
     def _switch_to_match(self, path: list[Node], matched_tokens: np.ndarray, partial: bool) -> int:
         """Switch to the matched path and return how many prompt tokens the live state covers."""
         matched = len(matched_tokens)
-        if partial and self._can_reuse_partial_edge():
+        if partial and self.policy.partial_edges.on:
             self._switch(path)
             node = path[-1]
-            if self.active_path[-1] is node and self._rewind_inside(node, matched):
-                self._enforce_budget()  # the paged-out node left the active path
+            if self.active_path[-1] is node and self.rewind_inside(node, matched):
+                self.evictor.enforce()  # the paged-out node left the active path
                 return matched
             # That switch may have failed a restore and then evicted, and an eviction merges
             # nodes: match again in the trie as it is now.
@@ -222,36 +194,31 @@ class PrefixCache:
         self._switch(path[:-1] if partial else path)
         return self.live_offset
 
-    def _rewind_inside(self, node: Node, target: int) -> bool:
+    def rewind_inside(self, node: Node, target: int) -> bool:
         """Rewind every live layer from the frontier ``node``'s end to ``target`` inside its
         edge, if every layer can; the node is paged out first so its tail stays restorable,
-        and leaves the active path. With ``page_in_moves`` only the part past ``target`` is
+        and leaves the active path. When page-ins move, only the part past ``target`` is
         paged out: the node is split there and its head stays live."""
         if not all(layer.can_restore(None, target) for layer in self.layers):
             return False
         self.active_path.pop()
-        if self._page_in_moves():
+        if self.page_in_moves:
             self.active_path.append(split_node(node, target - node.start, self.layers, self.ledger))
             self.stats.splits += 1
-            self._release_live_path()
+            self.release_live_path()
         if not node.has_all_snapshots():
-            self._attach_live_snapshots(node)
+            self.attach_live_snapshots(node)
             self.stats.page_outs += 1
         for layer in self.layers:
             layer.restore(None, target)
         return True
-
-    def _can_reuse_partial_edge(self) -> bool:
-        return self.policy.reuse_partial_edge and all(
-            layer.kind is not LayerKind.RECURRENT for layer in self.layers
-        )
 
     def _switch(self, new_path: list[Node]) -> None:
         """Page out the old frontier, rewind to the common ancestor, page in ``new_path``."""
         try:
             self._switch_unbudgeted(new_path)
         finally:
-            self._enforce_budget()
+            self.evictor.enforce()
 
     def _switch_unbudgeted(self, new_path: list[Node]) -> None:
         old_path = self.active_path
@@ -265,7 +232,7 @@ class PrefixCache:
         # on an attention-only model, so are the nodes above it whose snapshots moved in.
         frontier = old_path[-1]
         if len(old_path) - 1 >= common and not frontier.has_all_snapshots():
-            self._attach_live_snapshots(frontier)
+            self.attach_live_snapshots(frontier)
             self.stats.page_outs += 1
             log.debug("page out [%d, %d)", frontier.start, frontier.end)
             self._drop_partial_page(frontier)
@@ -289,7 +256,7 @@ class PrefixCache:
                         node.end,
                     )
                     self.stats.restore_failures += 1
-                    self._fall_back_to_root()
+                    self.fall_back_to_root()
                     return
             if node.end > ancestor_end:
                 self.stats.page_ins += 1
@@ -301,37 +268,34 @@ class PrefixCache:
             if layer.offset != aligned and not layer.restore(None, aligned):
                 log.warning("align failed offset=%d: freeing all layers", aligned)
                 self.stats.restore_failures += 1
-                self._fall_back_to_root()
+                self.fall_back_to_root()
                 return
         while self.active_path[-1].end > aligned:
             self.active_path.pop()
-        self._release_live_path()
+        self.release_live_path()
 
-    def _release_live_path(self) -> None:
-        """With ``page_in_moves``, close the active nodes' snapshots: the live layers hold the
+    def release_live_path(self) -> None:
+        """When page-ins move, close the active nodes' snapshots: the live layers hold the
         same state, and leaving the path pages its nodes out again."""
-        if self._page_in_moves():
+        if self.page_in_moves:
             for node in self.active_path[1:]:
                 node.set_snapshots(None, self.ledger)
-
-    def _page_in_moves(self) -> bool:
-        return (
-            self.policy.page_in_moves and self.budget_bytes is not None and self._attention_only()
-        )
 
     def _page_out_interior(self, nodes: list[Node]) -> None:
         """Page out the active nodes above the frontier that the live layers alone hold (their
         snapshots moved in), deepest first, rewinding to each one's end: attention only."""
         for node in reversed(nodes):
-            if node.has_all_snapshots() or not self._attention_only():
+            if node.has_all_snapshots() or not self.attention_only:
                 continue
             for layer in self.layers:
                 layer.restore(None, node.end)
-            self._attach_live_snapshots(node)
+            self.attach_live_snapshots(node)
             self.stats.page_outs += 1
             log.debug("page out [%d, %d)", node.start, node.end)
 
-    def _fall_back_to_root(self) -> None:
+    def fall_back_to_root(self) -> None:
+        """A restore failed: free every layer and recompute from the root, never serving a
+        wrong state."""
         self._save_live_path()
         for layer in self.layers:
             layer.free()
@@ -340,7 +304,7 @@ class PrefixCache:
     def _save_live_path(self) -> None:
         """Before the live layers are freed, page out the active nodes that only they hold
         (their snapshots moved in), so a failed restore further down loses none of them."""
-        if not self.policy.page_in_moves or not self._attention_only():
+        if not self.policy.page_in_moves.on:
             return
         live = self.live_offset
         for layer in self.layers:
@@ -349,7 +313,7 @@ class PrefixCache:
 
     # ---- snapshots and trie growth --------------------------------------------------------
 
-    def _attach_live_snapshots(self, node: Node) -> None:
+    def attach_live_snapshots(self, node: Node) -> None:
         """Replace ``node``'s snapshots with fresh copies of the live layers' ``[start, end)``."""
         for index, layer in enumerate(self.layers):
             if layer.offset != node.end:
@@ -358,7 +322,7 @@ class PrefixCache:
                 )
         node.set_snapshots([layer.snapshot(node.start) for layer in self.layers], self.ledger)
 
-    def _advance(self, frontier: Node, tokens: np.ndarray) -> Node:
+    def advance(self, frontier: Node, tokens: np.ndarray) -> Node:
         """Extend the active path from ``frontier`` over ``tokens``; returns the new frontier.
 
         Existing children are followed, a partly matched edge is split, and what is left is
@@ -375,7 +339,7 @@ class PrefixCache:
         dest = path[-1]
         rest = tokens[matched:]
         if len(rest):
-            if not dest.children and not dest.user and not self.policy.keep_restore_points:
+            if not dest.children and not dest.user and not self.policy.keep_restore_points.on:
                 dest.set_snapshots(None, self.ledger)  # so the leaf can be extended in place
             extended = append_tokens(dest, rest, self.ledger)
             if extended is not dest:
@@ -383,39 +347,57 @@ class PrefixCache:
             dest = extended
         return dest
 
-    # ---- eviction -------------------------------------------------------------------------
-
-    def _enforce_budget(self) -> None:
-        """Evict until paged-out bytes fit the budget or only active snapshots are left."""
-        if self.budget_bytes is None or self.ledger.total <= self.budget_bytes:
+    def snapshot_live(self, tokens: np.ndarray, user: bool) -> None:
+        """Advance the trie to the live offset over ``tokens`` (the request's so far) and
+        attach fresh snapshots there; when page-ins move, only the node boundary is kept
+        (leaving the path pages the node out)."""
+        offset = self.live_offset
+        frontier = self.active_path[-1]
+        if frontier.end > offset:
+            log.warning("snapshot skipped offset=%d frontier_end=%d", offset, frontier.end)
             return
-        active = {id(node) for node in self.active_path}
-        priority = self.policy.eviction.priority
-        while self.ledger.total > self.budget_bytes:
-            candidates = [node for node in walk(self.root) if self._evictable(node, active)]
-            if not candidates:
-                break
-            victim = min(candidates, key=priority)
-            self.ledger.record_eviction(victim, candidates)
-            self._evict(victim, active)
+        if frontier.end < offset:
+            frontier = self.advance(frontier, tokens[frontier.end : offset])
+        elif frontier.has_all_snapshots():
+            frontier.user = frontier.user or user
+            return
+        frontier.user = frontier.user or user
+        if self.page_in_moves:
+            self.release_live_path()  # the node boundary is what counts; leaving pages out
+            return
+        self.attach_live_snapshots(frontier)
+        log.debug("snapshot offset=%d user=%s", offset, user)
+        self.evictor.enforce()
 
-    def _attention_only(self) -> bool:
-        return all(layer.kind is LayerKind.KV for layer in self.layers)
+    def finish(self, session: Session, tokens: np.ndarray) -> None:
+        """Close ``session``: grow the trie over ``tokens`` (prompt + outputs) up to the live
+        offset and mark the active path used."""
+        if self._session is session:
+            self._session = None
+        offset = self.live_offset
+        if offset <= 0:
+            return
+        if offset > len(tokens):
+            raise ValueError(
+                f"the layers are at {offset} but prompt + outputs hold only {len(tokens)} tokens"
+            )
+        frontier = self.active_path[-1]
+        if offset > frontier.end:
+            self.advance(frontier, tokens[frontier.end : offset])
+        self.mark_used(self.active_path)
 
     def _drop_partial_page(self, leaf: Node) -> None:
-        """Over budget, cut a just paged-out leaf back to a page boundary.
+        """Over budget, cut a just paged-out leaf back to a page boundary
+        (:class:`~kvtrie.core.policy.WholePagesUnderPressure`).
 
-        Its sub-page tail pays bytes in every stored leaf but saves at most a page of
-        recompute, and only to a request that extends exactly this sequence; when memory is
-        short those bytes keep more shared prefix instead. With room to spare the tail stays.
+        With room to spare the tail stays.
         """
         if (
-            not self.policy.whole_pages_under_pressure
+            not self.policy.whole_pages.on
             or self.budget_bytes is None
             or self.ledger.total <= self.budget_bytes
             or leaf.children
             or leaf.user
-            or not self._attention_only()
         ):
             return
         keep = leaf.end // TRIM_PAGE * TRIM_PAGE - leaf.start
@@ -426,71 +408,24 @@ class PrefixCache:
             for layer in self.layers:
                 layer.restore(None, leaf.start + keep)
             shorten_bare_leaf(leaf, keep, self.ledger)
-            self._attach_live_snapshots(leaf)
+            self.attach_live_snapshots(leaf)
 
-    def _trim_leaf(self, node: Node) -> bool:
-        """Drop just enough whole pages from the end of an attention-only leaf to fit the
-        budget, keeping its prefix restorable; False when the whole leaf has to go."""
-        if not self.policy.trim_leaves or self.budget_bytes is None:
-            return False
-        if not node.has_all_snapshots() or not self._attention_only():
-            return False
-        per_token = node.snapshot_bytes / len(node.tokens)
-        tokens = math.ceil((self.ledger.total - self.budget_bytes) / per_token)
-        keep = len(node.tokens) - math.ceil(tokens / TRIM_PAGE) * TRIM_PAGE
-        if keep < 1:
-            return False
-        split_node(node, keep, self.layers, self.ledger)
-        self.stats.splits += 1
-        remove_leaf(node, self.ledger)
-        return True
-
-    def _evictable(self, node: Node, active: set[int]) -> bool:
-        return id(node) not in active and not node.is_root and node.has_snapshots()
-
-    def _evict(self, node: Node, active: set[int]) -> None:
-        self.stats.evictions += 1
-        log.debug(
-            "evict start=%d end=%d children=%d bytes=%d user=%s",
-            node.start,
-            node.end,
-            len(node.children),
-            node.snapshot_bytes,
-            node.user,
-        )
-        if not node.children and self._trim_leaf(node):
-            return
-        if not node.children:
-            parent = node.parent
-            assert parent is not None
-            remove_leaf(node, self.ledger)
-            # A parent left with one child folds into it, unless it is a user restore point or
-            # live (merging an active node would move the frontier under the live layers).
-            if (
-                self.policy.merge_lone_children
-                and not parent.is_root
-                and not parent.user
-                and len(parent.children) == 1
-                and id(parent) not in active
-            ):
-                merge_with_child(parent, self.layers, self.ledger)
-                self.stats.merges += 1
-        elif len(node.children) == 1:
-            merge_with_child(node, self.layers, self.ledger)
-            self.stats.merges += 1
-        else:
-            node.set_snapshots(None, self.ledger)  # a branch point keeps its place
-
-    def _mark_used(self, path: list[Node]) -> None:
+    def mark_used(self, path: list[Node]) -> None:
         """Every node of the path was used now: LRU time is refreshed on all of them."""
         now = self.clock()
         for node in path:
             node.last_used = now
+        self.evictor.used(path)
 
     # ---- introspection --------------------------------------------------------------------
 
     def nodes(self) -> Iterable[Node]:
         return walk(self.root)
+
+
+def _check_budget(budget_bytes: int | None) -> None:
+    if budget_bytes is not None and budget_bytes < 0:
+        raise ValueError(f"budget_bytes must be >= 0 or None (unbounded), got {budget_bytes}")
 
 
 class Session:
@@ -536,9 +471,7 @@ class Session:
         stops = set(user)
         if start <= self.snapshot_offset <= end:
             stops.add(self.snapshot_offset)
-        interval = self.cache.policy.snapshot_interval
-        if interval > 0:
-            stops.update(range((start // interval + 1) * interval, end, interval))
+        stops.update(self.cache.policy.schedule.stops(start, end))
         stops.discard(0)
         result = None
         offset = start
@@ -551,31 +484,14 @@ class Session:
         return result
 
     def snapshot(self, user: bool = False) -> None:
-        """Advance the trie to the live offset and attach fresh snapshots there (with
-        ``page_in_moves``, only the node boundary: leaving the path pages the node out)."""
+        """Advance the trie to the live offset and attach fresh snapshots there."""
         self._check_open()
-        cache = self.cache
-        offset = cache.live_offset
+        offset = self.cache.live_offset
         if offset <= 0:
             return
         if self.snapshot_offset and offset >= self.snapshot_offset:
             self.snapshot_offset = 0
-        frontier = cache.active_path[-1]
-        if frontier.end > offset:
-            log.warning("snapshot skipped offset=%d frontier_end=%d", offset, frontier.end)
-            return
-        if frontier.end < offset:
-            frontier = cache._advance(frontier, self._tokens()[frontier.end : offset])
-        elif frontier.has_all_snapshots():
-            frontier.user = frontier.user or user
-            return
-        frontier.user = frontier.user or user
-        if cache._page_in_moves():
-            cache._release_live_path()  # the node boundary is what counts; leaving pages out
-            return
-        cache._attach_live_snapshots(frontier)
-        log.debug("snapshot offset=%d user=%s", offset, user)
-        cache._enforce_budget()
+        self.cache.snapshot_live(self._tokens(), user)
 
     def close(self, outputs: Sequence[int] | np.ndarray = ()) -> None:
         """Record the generated tokens, grow the trie to the live offset, mark the path used."""
@@ -583,20 +499,7 @@ class Session:
             return
         self.outputs = as_tokens(outputs)
         self.closed = True
-        cache = self.cache
-        cache._session = None
-        offset = cache.live_offset
-        if offset <= 0:
-            return
-        tokens = self._tokens()
-        if offset > len(tokens):
-            raise ValueError(
-                f"the layers are at {offset} but prompt + outputs hold only {len(tokens)} tokens"
-            )
-        frontier = cache.active_path[-1]
-        if offset > frontier.end:
-            cache._advance(frontier, tokens[frontier.end : offset])
-        cache._mark_used(cache.active_path)
+        self.cache.finish(self, self._tokens())
 
     def _tokens(self) -> np.ndarray:
         if not len(self.outputs):

@@ -7,7 +7,7 @@ Paged-out bytes change in exactly one place, :meth:`Node.set_snapshots`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,48 +48,28 @@ def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
     return int(differs[0]) if len(differs) else n
 
 
-def _eviction_facts(node: Node) -> tuple[int, int, int]:
-    return (node.last_used, node.end, node.snapshot_bytes)
-
-
 @dataclass(eq=False)
 class ByteLedger:
-    """The paged-out byte counter, its high-water mark, and the nodes changed since last read.
+    """The paged-out byte counter, its high-water mark, and who hears of every touched node.
 
-    The touched set lets the invariant checker re-verify only what changed after each request;
-    it is kept only while ``tracking`` is on, so an unchecked run holds no extra references.
+    Every structural operation and snapshot change touches the nodes it changed; listeners
+    (the cache's eviction index, the invariant checker's audit) keep their own views current
+    from those calls instead of walking the trie.
     """
 
     total: int = 0
     peak: int = 0
-    tracking: bool = False
-    touched: set[Node] = field(default_factory=set)
-    # (victim, candidates) of each eviction, as (last_used, end, bytes), while tracking
-    evictions: list[tuple[tuple[int, int, int], list[tuple[int, int, int]]]] = field(
-        default_factory=list
-    )
+    listeners: list[Callable[[Node], None]] = field(default_factory=list)
 
     def add(self, delta: int) -> None:
         self.total += delta
         self.peak = max(self.peak, self.total)
 
     def touch(self, *nodes: Node | None) -> None:
-        if self.tracking:
-            self.touched.update(n for n in nodes if n is not None)
-
-    def record_eviction(self, victim: Node, candidates: list[Node]) -> None:
-        if self.tracking:
-            self.evictions.append(
-                (_eviction_facts(victim), [_eviction_facts(n) for n in candidates])
-            )
-
-    def take_evictions(self) -> list[tuple[tuple[int, int, int], list[tuple[int, int, int]]]]:
-        evictions, self.evictions = self.evictions, []
-        return evictions
-
-    def take_touched(self) -> set[Node]:
-        touched, self.touched = self.touched, set()
-        return touched
+        for listener in self.listeners:
+            for node in nodes:
+                if node is not None:
+                    listener(node)
 
 
 @dataclass(eq=False)
@@ -129,10 +109,10 @@ class Node:
     def take_snapshots(self, ledger: ByteLedger) -> list[Snapshot | None] | None:
         """Detach the snapshots without closing them, for a split or merge that consumes them."""
         old = self.snapshots
-        ledger.touch(self)
         ledger.add(-self.snapshot_bytes)
         self.snapshots = None
         self.snapshot_bytes = 0
+        ledger.touch(self)
         return old
 
     def give_snapshots(self, snapshots: list[Snapshot | None] | None, ledger: ByteLedger) -> None:
@@ -252,11 +232,11 @@ def merge_with_child(node: Node, caches: Sequence[LayerCache], ledger: ByteLedge
     node.children = child.children
     for grandchild in node.children.values():
         grandchild.parent = node
-    ledger.touch(node, child, *node.children.values())
     node.user = child.user
     node.last_used = max(node.last_used, child.last_used)
     child.parent = None
     child.children = {}
+    ledger.touch(node, child, *node.children.values())
     return child
 
 

@@ -15,6 +15,7 @@ from kvtrie.backends.profiles import get_profile
 from kvtrie.core.prefix_cache import DEFAULT_BUDGET_BYTES, POLICIES, PrefixCache
 from kvtrie.traces import bundled_path
 
+from .build import make_cache
 from .replay import replay
 from .runner import CheckMode, RequestRunner
 from .traces import Request, Trace, load_trace, resolve_prompt
@@ -38,7 +39,7 @@ def bench_replay(quick: bool = False) -> dict[str, Any]:
     assert path is not None
     backend = FakeBackend(get_profile("llama-8b"))
     trace = load_trace(path, vocab_size=backend.vocab_size)
-    cache = PrefixCache(backend.new_layers(), budget_bytes=None, policy=POLICIES["kvtrie-improved"])
+    cache = make_cache(backend, None, POLICIES["kvtrie-improved"])
     outcome = replay(trace, backend, cache, CheckMode(), limit=1000 if quick else None)
     stats = cache.stats
     peak = peak_rss_bytes()
@@ -91,7 +92,7 @@ def _warm_and_pagein(model: str, n: int, tail: int, repeats: int) -> dict[str, f
         layers = backend.new_layers()
         PrefixCache(layers, budget_bytes=None).begin(prompt).prefill(evaluate(layers))
 
-    cache = PrefixCache(backend.new_layers(), budget_bytes=None, policy=POLICIES["kvtrie-improved"])
+    cache = make_cache(backend, None, POLICIES["kvtrie-improved"])
     run = evaluate(cache.layers)
     session = cache.begin(prompt)
     session.prefill(run, user_marks=[n - tail])
@@ -222,9 +223,7 @@ def _computed_vs_mlxlm(model: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     budget: int | None = None
     for _ in range(2):
-        cache = PrefixCache(
-            backend.new_layers(), budget_bytes=budget, policy=POLICIES["kvtrie-improved"]
-        )
+        cache = make_cache(backend, budget, POLICIES["kvtrie-improved"])
         outcome = replay(trace, backend, cache, CheckMode(every=0), progress=False)
         theirs = mlxlm_prompt_cache_replay(backend, pairs, budget)
         rows.append(

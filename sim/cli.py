@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -12,73 +11,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from kvtrie import __version__
-from kvtrie.backends.base import Backend
-from kvtrie.core.prefix_cache import DEFAULT_BUDGET_BYTES, POLICIES, CachePolicy, PrefixCache
+from kvtrie.core.policy import STRATEGIES
+from kvtrie.core.prefix_cache import DEFAULT_BUDGET_BYTES, POLICIES
 from kvtrie.core.render import format_bytes
 
-__all__ = ["main", "parse_size", "make_backend", "make_cache"]
+from .build import default_model, make_backend, make_cache, make_policy, parse_size, trace_path
+
+__all__ = ["main"]
 
 EXIT_OK, EXIT_VIOLATION, EXIT_BAD_INPUT = 0, 1, 2
 MUTATION_KILL_TARGET = 0.9
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_size(text: str) -> int | None:
-    """``8GiB``, ``512MiB``, ``1.5GB``, ``4096`` (bytes) or ``inf`` (None: unbounded)."""
-    if text.strip().lower() in ("inf", "infinite", "none", "unbounded"):
-        return None
-    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not found or found.group(2).lower() not in _UNITS:
-        raise ValueError(
-            f"bad size {text!r}: use a number with B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB), "
-            "e.g. 8GiB, or inf"
-        )
-    return int(float(found.group(1)) * _UNITS[found.group(2).lower()])
-
-
-def make_backend(name: str, model: str) -> Backend:
-    """The named backend with ``model`` (a fake profile, or an MLX model name or path)."""
-    if name == "fake":
-        from kvtrie.backends.fake import FakeBackend
-        from kvtrie.backends.profiles import get_profile
-
-        return FakeBackend(get_profile(model))
-    if name == "mlx":
-        from kvtrie.backends.mlx import MLXBackend
-
-        return MLXBackend.from_name(model)
-    raise ValueError(f"unknown backend {name!r}; choose fake or mlx")
-
-
-def make_policy(name: str, snapshot_interval: int | None) -> CachePolicy:
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    policy = POLICIES[name]
-    if snapshot_interval is not None:
-        if snapshot_interval < 0:
-            raise ValueError(f"--snapshot-interval must be >= 0, got {snapshot_interval}")
-        policy = replace(policy, snapshot_interval=snapshot_interval)
-    return policy
-
-
-def make_cache(backend: Backend, budget: int | None, policy: CachePolicy) -> PrefixCache:
-    return PrefixCache(backend.new_layers(), budget_bytes=budget, policy=policy)
-
-
-def _default_model(backend: str) -> str:
-    return "tiny-attention" if backend == "mlx" else "llama-8b"
 
 
 def _add_cache_options(parser: argparse.ArgumentParser) -> None:
@@ -104,9 +46,11 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--policy",
         default=None,
-        choices=sorted(POLICIES),
-        help="kvtrie-seed: the seed's exact semantics (default); kvtrie-improved: "
-        "reuse partial edges where every layer can rewind, keep restore points",
+        metavar="POLICY",
+        help=f"{' or '.join(POLICIES)} (default kvtrie-seed: the seed's exact semantics; "
+        "kvtrie-improved: every strategy below that the model's layers allow), optionally "
+        "followed by strategy changes, e.g. improved,-page-in-moves or "
+        f"seed,+partial-edges. Strategies: {', '.join(STRATEGIES)}=K",
     )
     parser.add_argument(
         "--snapshot-interval",
@@ -115,16 +59,6 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="also snapshot every K tokens of a long prefill (0: off)",
     )
-
-
-def trace_path(text: str) -> Path:
-    """A trace file path, or the name of a bundled trace (``mooncake``, ``agent``, ...)."""
-    from kvtrie.traces import bundled_path
-
-    path = Path(text)
-    if path.exists():
-        return path
-    return bundled_path(text) or path
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -136,7 +70,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     path = trace_path(args.trace)
     header = read_header(path)  # a trace may carry its own backend, model, budget and policy
     backend_name = args.backend or header.get("backend", "fake")
-    model = args.model or header.get("profile") or _default_model(backend_name)
+    model = args.model or header.get("profile") or default_model(backend_name)
     try:
         if args.budget is not None:
             budget = parse_size(args.budget)
@@ -168,8 +102,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT
-    cache = make_cache(backend, budget, policy)
-    with mutated(mutant):
+    with mutated(mutant):  # built under the mutant: some patch choices made at construction
+        cache = make_cache(backend, budget, policy)
         progress = False if args.quiet else None
         outcome = replay(trace, backend, cache, mode, args.limit, args.keep_going, progress)
     report = build_report(trace, outcome, cache, backend_name, model, args.check)

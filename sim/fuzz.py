@@ -32,15 +32,18 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from kvtrie.core.prefix_cache import POLICIES, CacheStats, PrefixCache
+from kvtrie.core.policy import TOGGLES
+from kvtrie.core.prefix_cache import POLICIES, CacheStats
 from kvtrie.core.trie import walk
 
+from .build import make_backend, make_cache, make_policy
 from .mutants import mutated
 from .runner import CheckMode, RequestRunner
 from .traces import Event, write_trace
 
 __all__ = ["FuzzConfig", "FuzzResult", "PROFILES", "run_fuzz"]
 
+TOGGLE_NAMES = tuple(toggle.name for toggle in TOGGLES)
 ALPHABET = 5  # few distinct tokens, so prompts collide and edges split
 PROFILES = {
     # name: (fake examples, mlx examples, steps)
@@ -80,6 +83,7 @@ class FuzzResult:
     steps: int = 0
     shapes: set[int] = field(default_factory=set)
     models: Counter[str] = field(default_factory=Counter)  # examples per model drawn
+    policies: Counter[str] = field(default_factory=Counter)  # examples per policy drawn
     max_depth: int = 0
     totals: CacheStats = field(default_factory=CacheStats)  # summed over every example
     seconds: float = 0.0
@@ -93,24 +97,35 @@ def _budgets(bytes_per_token: int) -> list[int | None]:
     return [None, 0, 4 * bytes_per_token, 24 * bytes_per_token, 96 * bytes_per_token]
 
 
-def _make_backend(backend: str, model: str) -> Callable[[], Any]:
+def _backend_factory(backend: str, model: str) -> Callable[[], Any]:
     """A factory of fresh backends; an MLX model is built once and its faults reset."""
     if backend == "fake":
-        from kvtrie.backends.fake import FakeBackend
-        from kvtrie.backends.profiles import get_profile
-
-        profile = get_profile(model)
-        return lambda: FakeBackend(profile)
+        return lambda: make_backend(backend, model)
     from kvtrie.backends.base import Faults
-    from kvtrie.backends.mlx import MLXBackend
 
-    shared = MLXBackend.from_name(model)
+    shared = make_backend(backend, model)
 
-    def fresh() -> MLXBackend:
+    def fresh() -> Any:
         shared.faults = Faults()
         return shared
 
     return fresh
+
+
+# Every strategy of the policy can be switched on or off from either bundle, so the fuzzer
+# runs combinations no named bundle has (the strategies must be sound in any combination).
+POLICY_SPELLINGS = st.builds(
+    lambda bundle, changes, interval: ",".join(
+        [bundle, *changes] + ([f"snapshot-interval={interval}"] if interval else [])
+    ),
+    st.sampled_from(sorted(POLICIES)),
+    st.lists(
+        st.sampled_from([f"{sign}{name}" for name in TOGGLE_NAMES for sign in "+-"]),
+        max_size=3,
+        unique_by=lambda change: change[1:],
+    ),
+    st.sampled_from([0, 0, 3, 8]),
+)
 
 
 def _token_bytes(backend: Any) -> int:
@@ -123,7 +138,7 @@ def _token_bytes(backend: Any) -> int:
 def _machine(
     config: FuzzConfig, result: FuzzResult, last: dict[str, Any], tick: Callable[[], Any]
 ) -> type:
-    backends = {model: _make_backend(config.backend, model) for model in config.models}
+    backends = {model: _backend_factory(config.backend, model) for model in config.models}
     budgets = {model: _budgets(_token_bytes(new())) for model, new in backends.items()}
     deadline = None if config.time_limit is None else time.monotonic() + config.time_limit
     tokens = st.lists(st.integers(1, ALPHABET), min_size=1, max_size=10)
@@ -140,15 +155,14 @@ def _machine(
             result.examples += 1
             tick()
 
-        @initialize(policy=st.sampled_from(sorted(POLICIES)), model=st.sampled_from(config.models))
+        @initialize(policy=POLICY_SPELLINGS, model=st.sampled_from(config.models))
         def start(self, policy: str, model: str) -> None:
             self.policy = policy
             self.model = model
             result.models[model] += 1
+            result.policies[make_policy(policy).name] += 1
             self.backend = backends[model]()
-            self.cache = PrefixCache(
-                self.backend.new_layers(), budget_bytes=None, policy=POLICIES[policy]
-            )
+            self.cache = make_cache(self.backend, None, make_policy(policy))
             self.runner = RequestRunner(self.backend, self.cache, CheckMode(full=True))
 
         def _serve(self, prompt: list[int], out: list[int], mark: int | None) -> list[int]:

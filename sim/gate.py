@@ -18,6 +18,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 from kvtrie.core.render import format_bytes
 
+from .build import make_backend, make_cache, make_policy, parse_size, trace_path
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10 only
@@ -120,12 +122,14 @@ def _check_from(table: dict[str, Any], index: int | None, text: str, where: str)
         raise fail("name", 'a check needs a trace (or fuzz = "quick")')
     if check.fuzz not in (None, "quick"):
         raise fail("fuzz", f'only "quick" is supported, got {check.fuzz!r}')
-    from .cli import parse_size
-
     try:
         parse_size(check.budget)
     except ValueError as exc:
         raise fail("budget", str(exc)) from None
+    try:
+        make_policy(check.policy)
+    except ValueError as exc:
+        raise fail("policy", str(exc)) from None
     return check
 
 
@@ -169,14 +173,13 @@ def load_config(path: Path) -> GateConfig:
 
 
 def _replay_metrics(check: Check, root: Path) -> dict[str, Any]:
-    from .cli import make_backend, make_cache, make_policy, parse_size, trace_path
     from .replay import replay
     from .runner import CheckMode
     from .traces import load_trace
 
     backend = make_backend(check.backend, check.model)
-    trace = load_trace(_resolve(check.trace, root, trace_path), vocab_size=backend.vocab_size)
-    cache = make_cache(backend, parse_size(check.budget), make_policy(check.policy, None))
+    trace = load_trace(trace_path(check.trace, root), vocab_size=backend.vocab_size)
+    cache = make_cache(backend, parse_size(check.budget), make_policy(check.policy))
     started = time.perf_counter()
     outcome = replay(trace, backend, cache, CheckMode(), check.limit, progress=False)
     stats = cache.stats
@@ -187,11 +190,6 @@ def _replay_metrics(check: Check, root: Path) -> dict[str, Any]:
         "violations": len(outcome.violations),
         "seconds": time.perf_counter() - started,
     }
-
-
-def _resolve(trace: str, root: Path, trace_path) -> Path:
-    candidate = root / trace
-    return candidate if candidate.exists() else trace_path(trace)
 
 
 def _fuzz_metrics(check: Check) -> dict[str, Any]:

@@ -12,10 +12,16 @@ from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
-from kvtrie.backends.fake import FakeKVCache, FakeRecurrentCache, FakeRotatingCache, KVSnapshot
-from kvtrie.backends.fake import _Segment as Segment
-from kvtrie.core import prefix_cache
-from kvtrie.core.evict import OldestDeepestLargest
+from kvtrie.backends.fake import (
+    FakeKVCache,
+    FakeRecurrentCache,
+    FakeRotatingCache,
+    KVSnapshot,
+    Segment,
+)
+from kvtrie.core import evict
+from kvtrie.core.evict import EvictionIndex, OldestDeepestLargest
+from kvtrie.core.policy import PartialEdges
 from kvtrie.core.prefix_cache import PrefixCache
 
 __all__ = ["MUTANTS", "Mutant", "mutated"]
@@ -35,9 +41,10 @@ def _match_without_one_token_rule(self: PrefixCache, tokens, path, matched):
 def _mark_only_frontier(self: PrefixCache, path):
     now = self.clock()
     path[-1].last_used = now
+    self.evictor.used(path[-1:])
 
 
-def _evictable_even_if_active(self: PrefixCache, node, active):
+def _evictable_even_if_active(self: EvictionIndex, node, active):
     return not node.is_root and node.has_snapshots()
 
 
@@ -47,7 +54,7 @@ def _fall_back_keeping_layers(self: PrefixCache):
 
 def _rewind_inside_unchecked(self: PrefixCache, node, target):
     if not node.has_all_snapshots():
-        self._attach_live_snapshots(node)
+        self.attach_live_snapshots(node)
     for layer in self.layers:
         layer.restore(None, target)
     return True
@@ -96,13 +103,13 @@ def _snapshot_sharing_live_buffer(self, from_offset):
 
 
 def _remove_leaf_patch():
-    original = prefix_cache.remove_leaf
+    original = evict.remove_leaf
 
     def remove(node, ledger):
         node.take_snapshots(ledger)  # detached from the node but never closed
         original(node, ledger)
 
-    return [(prefix_cache, "remove_leaf", remove)]
+    return [(evict, "remove_leaf", remove)]
 
 
 MUTANTS: dict[str, Mutant] = {
@@ -111,17 +118,17 @@ MUTANTS: dict[str, Mutant] = {
         Mutant(
             "one-token-rule-dropped",
             "a full match evaluates no token",
-            lambda: [(PrefixCache, "_leave_one_token", _match_without_one_token_rule)],
+            lambda: [(PrefixCache, "leave_one_token", _match_without_one_token_rule)],
         ),
         Mutant(
             "lru-frontier-only",
             "LRU time refreshed only on the frontier, not every node used",
-            lambda: [(PrefixCache, "_mark_used", _mark_only_frontier)],
+            lambda: [(PrefixCache, "mark_used", _mark_only_frontier)],
         ),
         Mutant(
             "evict-active-nodes",
             "nodes on the active path are evicted",
-            lambda: [(PrefixCache, "_evictable", _evictable_even_if_active)],
+            lambda: [(EvictionIndex, "evictable", _evictable_even_if_active)],
         ),
         Mutant(
             "evict-newest-first",
@@ -130,7 +137,7 @@ MUTANTS: dict[str, Mutant] = {
                 (
                     OldestDeepestLargest,
                     "priority",
-                    lambda self, n: (-n.last_used, -n.end, -n.snapshot_bytes),
+                    lambda self, node: (-node.last_used, -node.end, -node.snapshot_bytes),
                 )
             ],
         ),
@@ -141,25 +148,21 @@ MUTANTS: dict[str, Mutant] = {
                 (
                     OldestDeepestLargest,
                     "priority",
-                    lambda self, n: (n.last_used, n.end, -n.snapshot_bytes),
+                    lambda self, node: (node.last_used, node.end, -node.snapshot_bytes),
                 )
             ],
         ),
         Mutant(
             "failed-restore-keeps-layers",
             "a failed restore does not free the layers",
-            lambda: [(PrefixCache, "_fall_back_to_root", _fall_back_keeping_layers)],
+            lambda: [(PrefixCache, "fall_back_to_root", _fall_back_keeping_layers)],
         ),
         Mutant(
             "partial-edge-on-recurrent",
             "a partial edge match reused on a recurrent layer",
             lambda: [
-                (PrefixCache, "_rewind_inside", _rewind_inside_unchecked),
-                (
-                    PrefixCache,
-                    "_can_reuse_partial_edge",
-                    lambda self: self.policy.reuse_partial_edge,
-                ),
+                (PrefixCache, "rewind_inside", _rewind_inside_unchecked),
+                (PartialEdges, "applies", lambda self, kinds: True),
             ],
         ),
         Mutant(
@@ -172,9 +175,9 @@ MUTANTS: dict[str, Mutant] = {
             "paged-out bytes double-counted on merge",
             lambda: [
                 (
-                    prefix_cache,
+                    evict,
                     "merge_with_child",
-                    _wrap(prefix_cache.merge_with_child, _double_count_merge),
+                    _wrap(evict.merge_with_child, _double_count_merge),
                 )
             ],
         ),

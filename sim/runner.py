@@ -68,7 +68,7 @@ class RequestRunner:
         self.backend = backend
         self.cache = cache
         self.mode = mode or CheckMode()
-        self.checker = Checker(cache) if self.mode.every else None
+        self.checker = Checker(cache, self.mode.full) if self.mode.every else None
         self.index = 0
 
     def apply(self, event: Event) -> list[Violation]:

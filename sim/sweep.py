@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 from kvtrie.backends.fake import FakeBackend
 from kvtrie.backends.profiles import ModelProfile
-from kvtrie.core.prefix_cache import POLICIES, PrefixCache
 from kvtrie.core.protocols import LayerKind
 from kvtrie.core.render import format_bytes
 
+from .build import make_cache, make_policy
 from .peers import Costs, Workload, make_peer
 from .runner import CheckMode, RequestRunner
 from .traces import Trace, resolve_prompt, write_atomic
@@ -91,7 +91,7 @@ def _run_kvtrie(
     marks: list[tuple[int, ...]],
 ):
     backend = FakeBackend(profile)
-    cache = PrefixCache(backend.new_layers(), budget_bytes=budget, policy=POLICIES[policy])
+    cache = make_cache(backend, budget, make_policy(policy))
     runner = RequestRunner(backend, cache, CheckMode(every=0))
     every = max(1, len(workload) // TIMELINE_POINTS)
     timeline = []

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from kvtrie.backends.fake import FakeBackend, FakeRecurrentCache
 from kvtrie.backends.profiles import get_profile
-from kvtrie.sim.cli import main, parse_size
+from kvtrie.sim.build import parse_size
+from kvtrie.sim.cli import main
 from kvtrie.sim.traces import expand_blocks, load_trace
 from kvtrie.traces import BUNDLED, bundled_path
 

@@ -1,0 +1,97 @@
+"""The one place sim/ builds its objects from what a user typed: sizes, trace paths, backends,
+policies and caches. The CLI, the gate, the fuzzer and the benchmarks all call these, so a name
+or a size means the same thing in every command, and every bad value is a ``ValueError`` that
+says what is wrong and what would be right.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from kvtrie.backends.base import Backend
+from kvtrie.core.policy import CachePolicy, parse_policy
+from kvtrie.core.prefix_cache import PrefixCache
+
+__all__ = [
+    "default_model",
+    "make_backend",
+    "make_cache",
+    "make_policy",
+    "parse_size",
+    "trace_path",
+]
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(text: str) -> int | None:
+    """``8GiB``, ``512MiB``, ``1.5GB``, ``4096`` (bytes) or ``inf`` (None: unbounded)."""
+    if text.strip().lower() in ("inf", "infinite", "none", "unbounded"):
+        return None
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not found or found.group(2).lower() not in _UNITS:
+        raise ValueError(
+            f"bad size {text!r}: use a number with B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB), "
+            "e.g. 8GiB, or inf"
+        )
+    return int(float(found.group(1)) * _UNITS[found.group(2).lower()])
+
+
+def default_model(backend: str) -> str:
+    return "tiny-attention" if backend == "mlx" else "llama-8b"
+
+
+def make_backend(name: str, model: str) -> Backend:
+    """The named backend with ``model`` (a fake profile, or an MLX model name or path)."""
+    if name == "fake":
+        from kvtrie.backends.fake import FakeBackend
+        from kvtrie.backends.profiles import get_profile
+
+        return FakeBackend(get_profile(model))
+    if name == "mlx":
+        from kvtrie.backends.mlx import MLXBackend
+
+        return MLXBackend.from_name(model)
+    raise ValueError(f"unknown backend {name!r}; choose fake or mlx")
+
+
+def make_policy(spelling: str, snapshot_interval: int | None = None) -> CachePolicy:
+    """A policy from its spelling (``kvtrie-improved``, ``improved,-page-in-moves``), with
+    ``--snapshot-interval`` applied on top when given."""
+    if not isinstance(spelling, str):
+        raise ValueError(f"a policy is a string such as kvtrie-improved, got {spelling!r}")
+    policy = parse_policy(spelling)
+    if snapshot_interval is not None:
+        if snapshot_interval < 0:
+            raise ValueError(f"--snapshot-interval must be >= 0, got {snapshot_interval}")
+        policy = parse_policy(f"{spelling},snapshot-interval={snapshot_interval}")
+    return policy
+
+
+def make_cache(backend: Backend, budget: int | None, policy: CachePolicy) -> PrefixCache:
+    return PrefixCache(backend.new_layers(), budget_bytes=budget, policy=policy)
+
+
+def trace_path(text: str, root: Path | None = None) -> Path:
+    """A trace file path (relative to ``root`` when given and it exists there), or the name of
+    a bundled trace (``mooncake``, ``agent``, ...)."""
+    from kvtrie.traces import bundled_path
+
+    if root is not None and (root / text).exists():
+        return root / text
+    path = Path(text)
+    if path.exists():
+        return path
+    return bundled_path(text) or path
