@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+
 from kvtrie.core.protocols import LayerCache
 
 __all__ = ["Backend", "Faults"]

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from kvtrie.core.hashing import mix64
 from kvtrie.core.protocols import LayerKind, Snapshot
 from kvtrie.core.trie import as_tokens

@@ -60,27 +60,33 @@ class EvictionIndex:
         self._heap: list[tuple[tuple[int, ...], int, Node]] = []
         self._seq = itertools.count()
         self._rebuild_at = 4096
+        self._root: Node | None = None
 
     def touched(self, node: Node) -> None:
         """The trie changed ``node`` (its snapshots, edge, place or last use)."""
         if self.enabled and node.parent is not None and node.snapshots is not None:
             heapq.heappush(self._heap, (self.order.priority(node), next(self._seq), node))
+            if len(self._heap) > self._rebuild_at:
+                self.rebuild()  # O(nodes), after at least 3x as many pushes: amortized O(1)
 
     def enable(self, root: Node) -> None:
         """Start indexing (the cache got a budget): index every node holding snapshots."""
         if not self.enabled:
             self.enabled = True
-            self.rebuild(root)
+            self._root = root
+            self.rebuild()
 
     def disable(self) -> None:
         """Stop indexing (the budget is unbounded): nothing will be evicted."""
         self.enabled = False
         self._heap = []
 
-    def rebuild(self, root: Node) -> None:
+    def rebuild(self) -> None:
+        """Index the trie afresh, dropping every stale entry."""
+        assert self._root is not None
         self._heap = [
             (self.order.priority(n), next(self._seq), n)
-            for n in walk(root)
+            for n in walk(self._root)
             if n.parent is not None and n.snapshots is not None
         ]
         heapq.heapify(self._heap)
@@ -91,10 +97,8 @@ class EvictionIndex:
         snapshots."""
         return id(node) not in active and not node.is_root and node.has_snapshots()
 
-    def pop_victim(self, root: Node, active: set[int]) -> Node | None:
+    def pop_victim(self, active: set[int]) -> Node | None:
         """Remove and return the first node in eviction order that may be evicted, or None."""
-        if len(self._heap) > self._rebuild_at:
-            self.rebuild(root)
         heap = self._heap
         held = []
         victim = None
@@ -150,7 +154,7 @@ class Evictor:
             return
         active = {id(node) for node in cache.active_path}
         while cache.ledger.total > budget:
-            victim = self.index.pop_victim(cache.root, active)
+            victim = self.index.pop_victim(active)
             if victim is None:
                 break
             for observer in self.observers:

@@ -20,6 +20,8 @@ __all__ = [
     "append_tokens",
     "as_tokens",
     "common_prefix_length",
+    "descend",
+    "insert",
     "match",
     "merge_with_child",
     "remove_leaf",
@@ -166,6 +168,47 @@ def match(root: Node, tokens: np.ndarray) -> tuple[list[Node], int]:
             break
         node = child
     return path, pos
+
+
+def descend(
+    root: Node,
+    tokens: np.ndarray,
+    ledger: ByteLedger,
+    on_split: Callable[[Node, Node], None] | None = None,
+) -> tuple[list[Node], int]:
+    """:func:`match`, but an edge the match ends inside is split there, so the path ends on a
+    node boundary; ``on_split(head, tail)`` hears of that split (snapshot-free tries only)."""
+    path, matched = match(root, tokens)
+    last = path[-1]
+    if matched < last.end:
+        head = split_node(last, matched - last.start, [], ledger)
+        if on_split is not None:
+            on_split(head, last)
+        path[-1] = head
+    return path, matched
+
+
+def insert(
+    root: Node,
+    tokens: np.ndarray,
+    ledger: ByteLedger,
+    on_split: Callable[[Node, Node], None] | None = None,
+) -> tuple[list[Node], int]:
+    """Store ``tokens`` as a path from ``root`` in a snapshot-free trie: the path to their
+    end (a new leaf holds what was not there yet) and how many tokens were new."""
+    path, matched = descend(root, tokens, ledger, on_split)
+    if matched < len(tokens):
+        parent = path[-1]
+        leaf = Node(
+            tokens=tokens[matched:].copy(),
+            end=len(tokens),
+            parent=parent,
+            last_used=parent.last_used,
+        )
+        parent.children[int(tokens[matched])] = leaf
+        ledger.touch(parent, leaf)
+        path.append(leaf)
+    return path, len(tokens) - matched
 
 
 def append_tokens(node: Node, tokens: np.ndarray, ledger: ByteLedger) -> Node:

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import numpy as np
+
 from kvtrie.backends.fake import FakeBackend
 from kvtrie.backends.profiles import get_profile
 from kvtrie.core.prefix_cache import DEFAULT_BUDGET_BYTES, POLICIES, PrefixCache
@@ -20,7 +21,7 @@ from .replay import replay
 from .runner import CheckMode, RequestRunner
 from .traces import Request, Trace, load_trace, resolve_prompt
 
-__all__ = ["bench_mlx", "bench_replay", "peak_rss_bytes"]
+__all__ = ["bench_eviction", "bench_mlx", "bench_replay", "peak_rss_bytes"]
 
 REPLAY_WALL_TARGET_S = 20.0
 REPLAY_RSS_TARGET_BYTES = 2 << 30
@@ -62,6 +63,48 @@ def bench_replay(quick: bool = False) -> dict[str, Any]:
         "targets_met": outcome.wall_seconds <= REPLAY_WALL_TARGET_S
         and peak <= REPLAY_RSS_TARGET_BYTES,
         "clean": not outcome.violations,
+    }
+
+
+EVICTION_GROWTH_TARGET = 2.0  # per-eviction cost may at most double in a 10x larger trie
+
+
+def _seconds_per_eviction(leaves: int, evictions: int, seed: int = 0) -> dict[str, Any]:
+    """A trie of ``leaves`` one-request conversations on the fake backend under a budget that
+    never binds, then a budget cut that evicts ``evictions`` of them: seconds per eviction."""
+    backend = FakeBackend(get_profile("tiny-attention"))
+    cache = PrefixCache(backend.new_layers(), budget_bytes=1 << 60, policy=POLICIES["kvtrie-seed"])
+    rng = np.random.default_rng(seed)
+    for _ in range(leaves):
+        session = cache.begin(rng.integers(1, 1 << 30, size=8))
+        backend.evaluate(cache.layers, session.remaining)
+        session.close()
+    cache.begin(np.array([0, 0])).close()  # leave the last path, so every leaf is evictable
+    nodes = sum(1 for _ in cache.nodes())
+    per_leaf = cache.paged_out_bytes // leaves
+    before = cache.stats.evictions
+    started = time.perf_counter()
+    cache.set_budget(cache.paged_out_bytes - evictions * per_leaf)
+    seconds = time.perf_counter() - started
+    done = cache.stats.evictions - before
+    return {"nodes": nodes, "evictions": done, "seconds": seconds,
+            "seconds_per_eviction": seconds / max(done, 1)}
+
+
+def bench_eviction(quick: bool = False) -> dict[str, Any]:
+    """Eviction cost in two tries 10x apart in size: with the incremental eviction index the
+    cost per eviction stays about flat (a walk of the trie per eviction would grow 10x)."""
+    small, large = (2_000, 20_000) if quick else (10_000, 100_000)
+    rows = [_seconds_per_eviction(n, 1_000) for n in (small, large)]
+    growth = rows[1]["seconds_per_eviction"] / rows[0]["seconds_per_eviction"]
+    return {
+        "benchmark": "eviction",
+        "quick": quick,
+        "machine": f"{platform.machine()} {platform.system()} python {platform.python_version()}",
+        "tries": rows,
+        "per_eviction_growth": growth,
+        "targets": {"per_eviction_growth": EVICTION_GROWTH_TARGET},
+        "targets_met": growth <= EVICTION_GROWTH_TARGET,
     }
 
 
@@ -209,7 +252,9 @@ def _shared_prefix_workload(vocab_size: int) -> Trace:
 def _computed_vs_mlxlm(model: str) -> list[dict[str, Any]]:
     """Tokens computed by kvtrie and by mlx-lm's LRUPromptCache on one shared-prefix workload,
     unbounded, then at the most kvtrie paged out unbounded (its footprint at the ideal)."""
-    from kvtrie.backends.mlx import MLXBackend, mlxlm_prompt_cache_replay
+    from kvtrie.backends.mlx import MLXBackend
+
+    from .mlxlm import mlxlm_prompt_cache_replay
 
     backend = MLXBackend.from_name(model)
     trace = _shared_prefix_workload(backend.vocab_size)

@@ -344,7 +344,7 @@ def _print_mlx_bench(results: dict) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench_mlx, bench_replay
+    from .bench import bench_eviction, bench_mlx, bench_replay
     from .report import report_json
     from .traces import write_atomic
 
@@ -358,6 +358,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             f"{results['hit_ratio']:.4f}; targets {'met' if results['targets_met'] else 'MISSED'}"
         )
         clean = results["clean"]
+    elif args.suite == "eviction":
+        results = bench_eviction(quick=args.quick)
+        for row in results["tries"]:
+            print(
+                f"eviction bench: {row['nodes']:,} nodes, {row['evictions']:,} evictions, "
+                f"{row['seconds_per_eviction'] * 1e6:.1f} us each"
+            )
+        print(
+            f"  per-eviction cost grew {results['per_eviction_growth']:.2f}x for a 10x larger "
+            f"trie; target {'met' if results['targets_met'] else 'MISSED'}"
+        )
+        clean = results["targets_met"]
     else:
         results = bench_mlx(quick=args.quick)
         _print_mlx_bench(results)
@@ -562,11 +574,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure speed and memory, written as JSON",
         description="replay: the whole Mooncake conversation trace on the fake backend at an "
         "infinite budget with every check on; reports wall time, peak RSS and tokens/s. "
+        "eviction: seconds per eviction in two tries 10x apart in size (flat with the "
+        "eviction index). "
         "mlx: on real MLX models, warm vs cold prefill, page-in vs recompute, the cache's "
         "overhead with no shared prefixes, and tokens computed by kvtrie vs mlx-lm's own "
         "prompt cache, all as ratios measured in one run.",
     )
-    bench.add_argument("suite", choices=["replay", "mlx"], help="what to measure")
+    bench.add_argument("suite", choices=["replay", "eviction", "mlx"], help="what to measure")
     bench.add_argument(
         "--quick",
         action="store_true",

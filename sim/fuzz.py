@@ -32,6 +32,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+
 from kvtrie.core.policy import TOGGLES
 from kvtrie.core.prefix_cache import POLICIES, CacheStats
 from kvtrie.core.trie import walk

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from kvtrie.core.trie import ByteLedger, Node, append_tokens, as_tokens, match, split_node
+
+from kvtrie.core.trie import ByteLedger, Node, as_tokens, insert, match
 
 from .traces import Trace, resolve_prompt
 
@@ -24,13 +25,7 @@ class IdealPrefixes:
 
     def insert(self, tokens: np.ndarray) -> None:
         """Remember an evaluated sequence."""
-        path, matched = match(self.root, tokens)
-        if matched == len(tokens):
-            return
-        last = path[-1]
-        if matched < last.end:  # diverges inside an edge
-            last = split_node(last, matched - last.start, [], self._ledger)
-        append_tokens(last, tokens[matched:], self._ledger)
+        insert(self.root, tokens, self._ledger)
 
 
 def ideal_reuse(trace: Trace, vocab_size: int) -> tuple[int, int]:

@@ -15,14 +15,37 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from collections.abc import Container, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-from kvtrie.core.trie import common_prefix_length
+
+from kvtrie.backends.profiles import ModelProfile
+from kvtrie.core.protocols import LayerKind
+from kvtrie.core.trie import (
+    ByteLedger,
+    Node,
+    as_tokens,
+    common_prefix_length,
+    descend,
+    insert,
+    remove_leaf,
+    walk,
+)
 
 from .ideal import IdealPrefixes
 
-__all__ = ["PEERS", "BLOCK", "Workload", "make_peer", "block_hashes"]
+__all__ = [
+    "BLOCK",
+    "KVTRIE_PEERS",
+    "PEERS",
+    "KvtriePeer",
+    "Peer",
+    "PeerUnavailable",
+    "Workload",
+    "block_hashes",
+    "costs_of",
+    "make_peer",
+]
 
 Workload = Sequence[tuple[np.ndarray, np.ndarray]]
 BLOCK = 16  # vLLM's default block size, also the granularity of the Belady bound
@@ -37,8 +60,26 @@ class Costs:
     recurrent: bool = False
 
 
+def costs_of(profile: ModelProfile) -> Costs:
+    recurrent = [s for s in profile.layers if s.kind is LayerKind.RECURRENT]
+    return Costs(
+        per_token=max(1, profile.bytes_per_token),
+        per_sequence=sum(s.count * s.state_bytes for s in recurrent),
+        recurrent=bool(recurrent),
+    )
+
+
+class PeerUnavailable(Exception):
+    """A peer that can't run here or on this workload; the message says why."""
+
+
 class Peer:
+    """One prompt-cache policy over a workload: ``serve`` each request in turn and get the
+    prompt tokens it reused; ``bytes`` and ``peak_bytes`` are what it keeps beyond the live
+    sequence. ``tracks_timeline``: the sweep plots its bytes over the trace."""
+
     name = ""
+    tracks_timeline = False
 
     def __init__(self, budget: int | None, costs: Costs) -> None:
         self.budget = budget
@@ -102,47 +143,6 @@ class SingleEntry(Peer):
         return cached
 
 
-@dataclass(eq=False)
-class _Radix:
-    tokens: np.ndarray
-    parent: _Radix | None = None
-    children: dict[int, _Radix] = field(default_factory=dict)
-    last_used: int = 0
-    count: int = 0  # stored sequences passing through (mlx-lm)
-    ends: int = 0  # stored sequences ending here (mlx-lm)
-
-
-def _walk(root: _Radix, tokens: np.ndarray) -> tuple[list[_Radix], int]:
-    """Follow ``tokens`` down, splitting the last edge so the match ends on a node boundary."""
-    path, pos, node = [root], 0, root
-    while pos < len(tokens):
-        child = node.children.get(int(tokens[pos]))
-        if child is None:
-            break
-        n = common_prefix_length(child.tokens, tokens[pos:])
-        if n < len(child.tokens):
-            head = _Radix(
-                child.tokens[:n], node, {int(child.tokens[n]): child}, child.last_used, child.count
-            )
-            node.children[int(child.tokens[0])] = head
-            child.tokens, child.parent = child.tokens[n:], head
-            child = head
-        path.append(child)
-        pos += n
-        node = child
-    return path, pos
-
-
-def _insert(root: _Radix, tokens: np.ndarray) -> tuple[list[_Radix], int]:
-    """Store ``tokens``: the path to their end, and how many tokens were new."""
-    path, pos = _walk(root, tokens)
-    if pos < len(tokens):
-        leaf = _Radix(tokens[pos:].copy(), path[-1])
-        path[-1].children[int(tokens[pos])] = leaf
-        path.append(leaf)
-    return path, len(tokens) - pos
-
-
 class WholeSequences(Peer):
     """mlx-lm's server prompt cache: whole evaluated sequences, LRU by sequence. A trimmable
     (attention) cache reuses the common prefix with any stored sequence; a recurrent one only
@@ -154,30 +154,37 @@ class WholeSequences(Peer):
 
     def __init__(self, budget: int | None, costs: Costs) -> None:
         super().__init__(budget, costs)
-        self.root = _Radix(np.empty(0, dtype=np.int32))
+        self.root = Node(tokens=as_tokens([]), end=0)
+        self.ledger = ByteLedger()
+        self.passing: dict[Node, int] = {}  # stored sequences passing through each node
+        self.ending: dict[Node, int] = {}  # stored sequences ending at each node
         self.entries: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self.total = 0
+
+    def _split(self, head: Node, tail: Node) -> None:
+        self.passing[head] = self.passing.get(tail, 0)
+
+    def _walk(self, tokens: np.ndarray) -> tuple[list[Node], int]:
+        return descend(self.root, tokens, self.ledger, self._split)
 
     def size(self, tokens: np.ndarray) -> int:
         return len(tokens) * self.costs.per_token + self.costs.per_sequence
 
     def _stored_prefixes(self, tokens: np.ndarray) -> list[int]:
         """Lengths of the stored sequences that are prefixes of ``tokens``."""
-        path, _ = _walk(self.root, tokens)
-        ends, offset = [], 0
-        for node in path[1:]:
-            offset += len(node.tokens)
-            if node.ends:
-                ends.append(offset)
-        return ends
+        path, _ = self._walk(tokens)
+        return [node.end for node in path[1:] if self.ending.get(node)]
 
     def _remove(self, tokens: np.ndarray) -> None:
-        path, _ = _walk(self.root, tokens)
-        path[-1].ends -= 1
+        path, _ = self._walk(tokens)
+        self.ending[path[-1]] -= 1
         for node in path[1:]:
-            node.count -= 1
-            if node.count == 0:
+            self.passing[node] -= 1
+            if self.passing[node] == 0:
                 del node.parent.children[int(node.tokens[0])]
+                for gone in walk(node):
+                    self.passing.pop(gone, None)
+                    self.ending.pop(gone, None)
                 break
         del self.entries[tokens.tobytes()]
         self.total -= self.size(tokens)
@@ -188,7 +195,7 @@ class WholeSequences(Peer):
         if self.costs.recurrent:
             ends = self._stored_prefixes(prompt)
             return ends[-1] if ends else 0
-        return _walk(self.root, prompt)[1]
+        return self._walk(prompt)[1]
 
     def store(self, tokens: np.ndarray, live: bool = False) -> None:
         """Keep ``tokens`` as a sequence (dropping its stored prefixes), then fit the budget;
@@ -198,10 +205,10 @@ class WholeSequences(Peer):
                 if end < len(tokens):
                     self._remove(tokens[:end])
         if tokens.tobytes() not in self.entries:
-            path, _ = _insert(self.root, tokens)
+            path, _ = insert(self.root, tokens, self.ledger, self._split)
             for node in path[1:]:
-                node.count += 1
-            path[-1].ends += 1
+                self.passing[node] = self.passing.get(node, 0) + 1
+            self.ending[path[-1]] = self.ending.get(path[-1], 0) + 1
             self.total += self.size(tokens)
         self.entries[tokens.tobytes()] = tokens
         self.entries.move_to_end(tokens.tobytes())
@@ -229,14 +236,15 @@ class RadixCache(Peer):
 
     def __init__(self, budget: int | None, costs: Costs) -> None:
         super().__init__(budget, costs)
-        self.root = _Radix(np.empty(0, dtype=np.int32))
+        self.root = Node(tokens=as_tokens([]), end=0)
+        self.ledger = ByteLedger()
         self.tokens = 0
         self.clock = 0
 
     def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
         self.clock += 1
-        _, matched = _walk(self.root, prompt)
-        path, added = _insert(self.root, evaluated)
+        _, matched = descend(self.root, prompt, self.ledger)
+        path, added = insert(self.root, evaluated, self.ledger)
         self.tokens += added
         for node in path:
             node.last_used = self.clock
@@ -247,25 +255,18 @@ class RadixCache(Peer):
     def _evict(self, locked: set[int], live: int) -> None:
         if self.fits((self.tokens - live) * self.costs.per_token):
             return
-        leaves = [(n.last_used, id(n), n) for n in self._nodes() if not n.children and n.parent]
+        leaves = [(n.last_used, id(n), n) for n in walk(self.root) if not n.children and n.parent]
         heapq.heapify(leaves)
         while leaves and not self.fits((self.tokens - live) * self.costs.per_token):
             _, _, leaf = heapq.heappop(leaves)
             if id(leaf) in locked:
                 continue
             parent = leaf.parent
-            del parent.children[int(leaf.tokens[0])]
+            assert parent is not None
+            remove_leaf(leaf, self.ledger)
             self.tokens -= len(leaf.tokens)
             if parent.parent is not None and not parent.children:
                 heapq.heappush(leaves, (parent.last_used, id(parent), parent))
-
-    def _nodes(self) -> list[_Radix]:
-        out, stack = [], [self.root]
-        while stack:
-            node = stack.pop()
-            out.append(node)
-            stack.extend(node.children.values())
-        return out
 
 
 def block_hashes(tokens: np.ndarray) -> list[int]:
@@ -416,7 +417,65 @@ PEERS = {
 }
 
 
-def make_peer(name: str, budget: int | None, costs: Costs, workload: Workload) -> Peer:
+class KvtriePeer(Peer):
+    """kvtrie itself, a policy bundle on the fake backend of ``profile``, served through the
+    same request loop as a replay (checks off: the sweep measures, replays verify)."""
+
+    tracks_timeline = True
+
+    def __init__(
+        self,
+        policy: str,
+        budget: int | None,
+        profile: ModelProfile,
+        marks: Sequence[tuple[int, ...]] | None = None,
+    ) -> None:
+        super().__init__(budget, costs_of(profile))
+        from kvtrie.backends.fake import FakeBackend
+
+        from .build import make_cache, make_policy
+        from .runner import CheckMode, RequestRunner
+
+        self.name = policy
+        backend = FakeBackend(profile)
+        self.cache = make_cache(backend, budget, make_policy(policy))
+        self.runner = RequestRunner(backend, self.cache, CheckMode(every=0))
+        self.marks = marks
+        self.index = 0
+
+    def serve(self, prompt: np.ndarray, evaluated: np.ndarray) -> int:
+        marks = self.marks[self.index] if self.marks else ()
+        self.index += 1
+        # forced outputs: the evaluated ones, then a last one that is never evaluated
+        result = self.runner.run(prompt, np.append(evaluated[len(prompt) :], 0), marks)
+        self.bytes = self.cache.paged_out_bytes
+        self.peak_bytes = self.cache.ledger.peak
+        return result.account.cached_tokens
+
+
+KVTRIE_PEERS = ("kvtrie-seed", "kvtrie-improved")
+
+
+def make_peer(
+    name: str,
+    budget: int | None,
+    costs: Costs,
+    workload: Workload,
+    profile: ModelProfile | None = None,
+    marks: Sequence[tuple[int, ...]] | None = None,
+) -> Peer:
+    """The named peer; kvtrie's own policies need the model ``profile`` (and take each
+    request's user restore points as ``marks``), mlx-lm's real class needs mlx-lm."""
+    if name in KVTRIE_PEERS:
+        if profile is None:
+            raise ValueError(f"{name} runs on a model profile; none was given")
+        return KvtriePeer(name, budget, profile, marks)
+    if name == "mlx-lm-real":
+        try:
+            from .mlxlm import LRUPromptCachePeer
+        except ImportError:
+            raise PeerUnavailable("mlx-lm not importable") from None
+        return LRUPromptCachePeer(budget, costs, workload)
     if name == "belady":
         return Belady(budget, costs, workload)
     return PEERS[name](budget, costs)

@@ -7,11 +7,12 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
+
 from kvtrie.backends.base import Backend
 from kvtrie.core.invariants import Violation
 from kvtrie.core.prefix_cache import PrefixCache
 from kvtrie.core.render import render_trie
-from tqdm import tqdm
 
 from .ideal import IdealPrefixes
 from .runner import CheckMode, RequestRunner

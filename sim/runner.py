@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from kvtrie.backends.base import Backend
 from kvtrie.core.invariants import Checker, Violation, check
 from kvtrie.core.prefix_cache import PrefixCache, RequestAccount, Session

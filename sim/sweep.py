@@ -13,19 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from kvtrie.backends.fake import FakeBackend
 from kvtrie.backends.profiles import ModelProfile
-from kvtrie.core.protocols import LayerKind
 from kvtrie.core.render import format_bytes
 
-from .build import make_cache, make_policy
-from .peers import Costs, Workload, make_peer
-from .runner import CheckMode, RequestRunner
+from .peers import KVTRIE_PEERS, PeerUnavailable, Workload, costs_of, make_peer
 from .traces import Trace, resolve_prompt, write_atomic
 
 __all__ = ["ALL_POLICIES", "SweepRow", "materialize", "run_sweep", "write_sweep"]
 
-KVTRIE_POLICIES = ("kvtrie-seed", "kvtrie-improved")
 ALL_POLICIES = (
     "none",
     "single-entry",
@@ -36,9 +33,8 @@ ALL_POLICIES = (
     "llamacpp-slots",
     "ideal",
     "belady",
-    *KVTRIE_POLICIES,
+    *KVTRIE_PEERS,
 )
-REAL_MLXLM_TOKEN_LIMIT = 5_000_000  # its token-per-dict-level trie outgrows memory beyond this
 TIMELINE_POINTS = 400
 BUDGET_FREE = ("ideal", "none")  # policies whose result does not depend on the budget
 
@@ -74,74 +70,36 @@ def materialize(trace: Trace, profile: ModelProfile) -> Workload:
     return workload
 
 
-def costs_of(profile: ModelProfile) -> Costs:
-    recurrent = [s for s in profile.layers if s.kind is LayerKind.RECURRENT]
-    return Costs(
-        per_token=max(1, profile.bytes_per_token),
-        per_sequence=sum(s.count * s.state_bytes for s in recurrent),
-        recurrent=bool(recurrent),
-    )
-
-
-def _run_kvtrie(
-    policy: str,
-    budget: int | None,
-    profile: ModelProfile,
-    workload: Workload,
-    marks: list[tuple[int, ...]],
-):
-    backend = FakeBackend(profile)
-    cache = make_cache(backend, budget, make_policy(policy))
-    runner = RequestRunner(backend, cache, CheckMode(every=0))
-    every = max(1, len(workload) // TIMELINE_POINTS)
-    timeline = []
-    for index, (prompt, evaluated) in enumerate(workload):
-        # forced outputs: the evaluated ones, then a last one that is never evaluated
-        runner.run(prompt, np.append(evaluated[len(prompt) :], 0), marks[index])
-        if index % every == 0:
-            timeline.append((index, cache.paged_out_bytes))
-    return cache.stats.cached_tokens, cache.ledger.peak, timeline
-
-
 _SHARED: dict[str, Any] = {}  # the workload and profile, inherited by forked workers
 
 
 def _cell(args: tuple[str, int | None]) -> tuple[SweepRow, list]:
+    """One (policy, budget) cell: every request through one peer, kvtrie's own included."""
     policy, budget = args
     profile, workload = _SHARED["profile"], _SHARED["workload"]
     started = time.perf_counter()
     prompt_tokens = sum(len(p) for p, _ in workload)
-    timeline: list = []
-    note = ""
-    if policy in KVTRIE_POLICIES:
-        cached, peak, timeline = _run_kvtrie(policy, budget, profile, workload, _SHARED["marks"])
-    elif policy == "mlx-lm-real":
-        costs = costs_of(profile)
-        try:
-            from kvtrie.backends.mlx import lru_prompt_cache_counts
-        except ImportError:
-            return SweepRow(
-                policy, budget, 0.0, 0, prompt_tokens, 0, 0.0, "mlx-lm not importable"
-            ), []
-        if prompt_tokens > REAL_MLXLM_TOKEN_LIMIT:
-            note = f"skipped: over {REAL_MLXLM_TOKEN_LIMIT:,} prompt tokens"
-            return SweepRow(policy, budget, 0.0, 0, prompt_tokens, 0, 0.0, note), []
-        cached, peak = lru_prompt_cache_counts(
-            workload, costs.per_token, costs.per_sequence, costs.recurrent, budget
+    try:
+        peer = make_peer(
+            policy, budget, costs_of(profile), workload, profile=profile, marks=_SHARED["marks"]
         )
-    else:
-        peer = make_peer(policy, budget, costs_of(profile), workload)
-        cached = sum(peer.serve(prompt, evaluated) for prompt, evaluated in workload)
-        peak = peer.peak_bytes
+    except PeerUnavailable as why:
+        return SweepRow(policy, budget, 0.0, 0, prompt_tokens, 0, 0.0, str(why)), []
+    every = max(1, len(workload) // TIMELINE_POINTS)
+    timeline = []
+    cached = 0
+    for index, (prompt, evaluated) in enumerate(workload):
+        cached += peer.serve(prompt, evaluated)
+        if peer.tracks_timeline and index % every == 0:
+            timeline.append((index, peer.bytes))
     row = SweepRow(
         policy,
         budget,
         cached / prompt_tokens if prompt_tokens else 0.0,
         cached,
         prompt_tokens - cached,
-        peak,
+        peer.peak_bytes,
         time.perf_counter() - started,
-        note,
     )
     return row, timeline
 
@@ -167,7 +125,7 @@ def run_sweep(
     marks = marks or [()] * len(workload)
     _SHARED.update(profile=profile, workload=workload, marks=marks)  # not pickled per cell
     # the longest cells first, so the pool is not left waiting on one at the end
-    cells.sort(key=lambda c: (c[0] not in ("belady", "vllm-blocks", *KVTRIE_POLICIES),))
+    cells.sort(key=lambda c: (c[0] not in ("belady", "vllm-blocks", *KVTRIE_PEERS),))
     rows, timelines = [], {}
     workers = processes or os.cpu_count() or 1
     bar = tqdm(

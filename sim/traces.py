@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from kvtrie.core.hashing import mix64
 from kvtrie.core.trie import as_tokens
 

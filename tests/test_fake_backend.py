@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from kvtrie.backends.contract import LayerContract
 from kvtrie.backends.fake import FakeBackend, prefix_hashes
 from kvtrie.backends.profiles import get_profile
+from kvtrie.core.protocols import LayerKind
 
 MASK = (1 << 64) - 1
 
@@ -13,6 +16,25 @@ MASK = (1 << 64) - 1
 @pytest.fixture
 def backend():
     return FakeBackend(get_profile("tiny-mixed"))
+
+
+class TestFakeLayerContract(LayerContract):
+    """The shared layer contract on tiny-mixed (attention, sliding window 8, recurrent)."""
+
+    def layers_with(self, kind):
+        backend = FakeBackend(get_profile("tiny-mixed"))
+        layers = backend.new_layers()
+        return backend, layers, next(layer for layer in layers if layer.kind is kind)
+
+    def state(self, layer):
+        return layer.state()
+
+    def test_snapshots_are_counted_in_the_ledger(self):
+        backend, _, kv = self.layers_with(LayerKind.KV)
+        backend.evaluate([kv], np.arange(1, 11))
+        head, tail = kv.split(kv.snapshot(0), 4)
+        merged = kv.merge(head, tail)
+        assert set(backend.ledger.open) == {id(merged)}
 
 
 def test_vectorised_prefix_hash_equals_the_sequential_fold():
@@ -35,45 +57,6 @@ def test_state_depends_on_the_whole_prefix(backend):
         assert la.digest() != lb.digest()
 
 
-def test_kv_snapshot_is_a_copy_not_a_view(backend):
-    layer = backend.new_layers()[0]
-    layer.evaluate(np.arange(10))
-    expected = layer.state()
-    snap = layer.snapshot(0)
-    layer.restore(None, 5)
-    layer.evaluate(np.arange(100, 120))  # overwrites the positions the snapshot covers
-    assert layer.restore(snap, 10)
-    assert np.array_equal(layer.state(), expected)
-
-
-def test_kv_split_then_merge_round_trips_bytes_and_state(backend):
-    layer = backend.new_layers()[0]
-    layer.evaluate(np.arange(1, 11))
-    expected = layer.state()
-    snap = layer.snapshot(0)
-    head, tail = layer.split(snap, 4)
-    assert (head.start, head.end, tail.start, tail.end) == (0, 4, 4, 10)
-    assert head.nbytes + tail.nbytes == snap.nbytes
-    layer.free()
-    assert layer.restore(head, 4) and layer.restore(tail, 10)
-    assert np.array_equal(layer.state(), expected)
-    merged = layer.merge(head, tail)
-    layer.free()
-    assert layer.restore(merged, 10)
-    assert np.array_equal(layer.state(), expected)
-    assert set(backend.ledger.open) == {id(merged)}
-
-
-def test_kv_restore_needs_the_live_state_to_reach_the_snapshot_start(backend):
-    layer = backend.new_layers()[0]
-    layer.evaluate(np.arange(1, 11))
-    tail = layer.snapshot(6)
-    layer.free()
-    assert not layer.can_restore(tail, 10)
-    assert not layer.restore(tail, 10)
-    assert layer.offset == 0
-
-
 def test_a_snapshot_stitched_onto_another_prefix_is_caught_by_the_oracle(backend):
     layers = backend.new_layers()
     kv = layers[0]
@@ -87,28 +70,11 @@ def test_a_snapshot_stitched_onto_another_prefix_is_caught_by_the_oracle(backend
     assert not np.array_equal(other.state(), fresh.state())
 
 
-def test_rotating_layer_rewinds_only_before_anything_rotated_out(backend):
+def test_rotating_snapshot_holds_exactly_the_window(backend):
     rotating = backend.new_layers()[1]
-    rotating.evaluate(np.arange(1, 7))  # 6 <= window 8
-    assert rotating.restore(None, 3) and rotating.offset == 3
-    rotating.evaluate(np.arange(10, 20))  # 13 > window
-    assert not rotating.can_restore(None, 12)
-    assert not rotating.restore(None, 12) and rotating.offset == 13
+    rotating.evaluate(np.arange(1, 14))  # 13 > window 8
     snap = rotating.snapshot(0)
     assert snap.nbytes == 8 * 64 and (snap.start, snap.end) == (5, 13)
-    assert not rotating.can_restore(snap, 12)  # clamping would leave a short window
-    assert rotating.split(snap, 10) == (None, snap)
-
-
-def test_recurrent_layer_never_rewinds_and_restores_only_at_its_end(backend):
-    recurrent = backend.new_layers()[2]
-    recurrent.evaluate(np.arange(1, 6))
-    snap = recurrent.snapshot(0)
-    assert not recurrent.restore(None, 4)
-    assert not recurrent.restore(snap, 4)
-    recurrent.free()
-    assert recurrent.restore(snap, 5) and recurrent.offset == 5
-    assert recurrent.split(snap, 3) == (None, snap)
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
@@ -120,16 +86,6 @@ def test_corrupt_snapshots_are_refused(backend, index):
     layer.free()
     assert not layer.restore(snap, 5)
     assert layer.offset == 0
-
-
-def test_injected_restore_failure_fails_once(backend):
-    layer = backend.new_layers()[0]
-    layer.evaluate(np.arange(1, 6))
-    snap = layer.snapshot(0)
-    layer.free()
-    backend.faults.fail_next_restores(1)
-    assert not layer.restore(snap, 5)
-    assert layer.restore(snap, 5)
 
 
 def test_snapshot_ledger_counts_double_close(backend):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from kvtrie.sim.cli import main
 from kvtrie.sim.fuzz import DEFAULT_MODELS, FuzzConfig, run_fuzz
 from kvtrie.sim.mutants import MUTANTS

@@ -9,6 +9,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+
 from kvtrie.sim.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent

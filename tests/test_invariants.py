@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from kvtrie.core import Checker, check
 from kvtrie.core.invariants import check_request
 from kvtrie.core.prefix_cache import RequestAccount

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from kvtrie.backends.contract import LayerContract
 from kvtrie.backends.mlx import LOGIT_TOLERANCE, TINY_MODELS, MLXBackend
 from kvtrie.core import PrefixCache, check
 from kvtrie.core.prefix_cache import POLICIES
@@ -22,6 +24,33 @@ S = list(range(3, 23))  # a 20-token shared prefix, longer than tiny-swa's windo
 @pytest.fixture(scope="module", params=MODELS)
 def backend(request):
     return MLXBackend.from_name(request.param)
+
+
+_CONTRACT_MODELS = {
+    LayerKind.KV: "tiny-attention",
+    LayerKind.ROTATING: "tiny-swa",  # sliding window 8
+    LayerKind.RECURRENT: "tiny-hybrid",
+}
+
+
+class TestMLXLayerContract(LayerContract):
+    """The shared layer contract on mlx-lm's own caches: one tiny model per layer kind."""
+
+    backends: dict = {}
+
+    def layers_with(self, kind):
+        name = _CONTRACT_MODELS[kind]
+        if name not in self.backends:
+            self.backends[name] = MLXBackend.from_name(name)
+        backend = self.backends[name]
+        backend.faults = type(backend.faults)()
+        layers = backend.new_layers()
+        return backend, layers, next(layer for layer in layers if layer.kind is kind)
+
+    def state(self, layer):
+        from kvtrie.backends.mlx.adapters import state_arrays
+
+        return tuple(np.array(a) for a in state_arrays(layer))
 
 
 class MLXRig:
@@ -93,20 +122,6 @@ def test_snapshots_are_copies_not_views_of_the_live_buffer():
     assert np.array_equal(np.array(kv.cache.keys[..., :10, :]), expected)
 
 
-def test_recurrent_layers_restore_only_from_snapshots():
-    backend = MLXBackend.from_name("tiny-hybrid")
-    layers = backend.new_layers()
-    backend.evaluate(layers, np.arange(1, 13))
-    recurrent = [layer for layer in layers if layer.kind is LayerKind.RECURRENT]
-    assert recurrent and all(layer.offset == 12 for layer in recurrent)
-    layer = recurrent[0]
-    snap = layer.snapshot(0)
-    assert not layer.restore(None, 11)
-    assert layer.split(snap, 6) == (None, snap)
-    layer.free()
-    assert not layer.restore(snap, 11) and layer.restore(snap, 12)
-
-
 def test_sliding_window_restored_past_its_edge():
     backend = MLXBackend.from_name("tiny-swa")
     rig = MLXRig(backend)
@@ -122,8 +137,9 @@ def test_sliding_window_restored_past_its_edge():
 @pytest.mark.parametrize("name", ["tiny-attention", "tiny-hybrid"])
 def test_drop_in_prompt_cache_for_mlx_lm_generation(name):
     import mlx.core as mx
-    from kvtrie.backends.mlx import MLXPromptCache, build_tiny_model
     from mlx_lm.generate import generate_step
+
+    from kvtrie.backends.mlx import MLXPromptCache, build_tiny_model
 
     model = build_tiny_model(name)
     prompt_cache = MLXPromptCache(model, budget_bytes=None)

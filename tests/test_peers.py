@@ -7,10 +7,11 @@ import json
 
 import numpy as np
 import pytest
+
 from kvtrie.backends.profiles import get_profile
 from kvtrie.sim.cli import main
-from kvtrie.sim.peers import BLOCK, PEERS, Costs, make_peer
-from kvtrie.sim.sweep import costs_of, materialize, run_sweep
+from kvtrie.sim.peers import BLOCK, PEERS, Costs, costs_of, make_peer
+from kvtrie.sim.sweep import materialize, run_sweep
 from kvtrie.sim.traces import load_trace
 from kvtrie.traces import bundled_path
 
@@ -77,16 +78,12 @@ def test_bounds_hold_for_every_peer(trace):
 @pytest.mark.parametrize("profile", ["llama-8b", "qwen3-next-hybrid"])
 @pytest.mark.parametrize("trace", ["agent", "branching", "system-prompt"])
 def test_simulated_mlx_lm_matches_the_real_class(trace, profile):
-    from kvtrie.backends.mlx import lru_prompt_cache_counts
-
     workload, profile = workload_of(trace, profile)
     costs = costs_of(profile)
     for budget in (None, 256 << 20, 1 << 30):
         cached, peer = serve_all("mlx-lm", workload, budget, costs)
-        real = lru_prompt_cache_counts(
-            workload, costs.per_token, costs.per_sequence, costs.recurrent, budget
-        )
-        assert (sum(cached), peer.peak_bytes) == real, budget
+        real_cached, real = serve_all("mlx-lm-real", workload, budget, costs)
+        assert (cached, peer.peak_bytes) == (real_cached, real.peak_bytes), budget
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from kvtrie.backends.fake import FakeBackend, FakeRecurrentCache
 from kvtrie.backends.profiles import get_profile
 from kvtrie.sim.build import parse_size

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from kvtrie.sim.cli import main
 from kvtrie.sim.traces import MOONCAKE_BLOCK, TraceError, expand_blocks, load_trace, write_trace
 

@@ -1,0 +1,305 @@
+"""mlx-lm's cache objects seen through kvtrie's layer-cache contract.
+
+The live caches are the objects mlx-lm's models write into (``KVCache``, ``RotatingKVCache``,
+``ArraysCache`` and its subclasses); the adapters snapshot, restore, split and merge them,
+reading and writing them only through mlx-lm's public attributes (``keys``, ``values``,
+``offset``, ``state``, ``trim``, ``nbytes``). Snapshots are fresh, evaluated arrays of exactly
+their range, never views into a live preallocated buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
+
+from kvtrie.core.protocols import LayerKind, Snapshot
+
+from ..base import CheckedRestore, Faults, RangeSnapshots, WholeStateSnapshots
+
+__all__ = [
+    "MLXKVLayer",
+    "MLXLayer",
+    "MLXRecurrentLayer",
+    "MLXRotatingLayer",
+    "MLXSnapshot",
+    "adapt",
+    "arrays_of",
+    "state_arrays",
+    "state_difference",
+]
+
+
+def _copy(array: mx.array) -> mx.array:
+    """A fresh buffer of exactly ``array``'s size: an elementwise op never returns a view, so
+    a slice of a live, preallocated cache buffer does not keep that whole buffer alive."""
+    return array * 1
+
+
+def _copy_state(state: Any) -> Any:
+    """A copy of an mlx-lm cache's ``state``: every array copied, everything else kept."""
+    if isinstance(state, mx.array):
+        return _copy(state)
+    if isinstance(state, (tuple, list)):
+        return type(state)(_copy_state(item) for item in state)
+    return state
+
+
+def _leaves(state: Any) -> list[mx.array]:
+    if isinstance(state, mx.array):
+        return [state]
+    if isinstance(state, (tuple, list)):
+        return [a for item in state for a in _leaves(item)]
+    return []
+
+
+@dataclass(eq=False)
+class MLXSnapshot:
+    """Arrays paged out of one layer: a KV range, a window's state, or a recurrent state."""
+
+    arrays: Any  # a tuple of arrays, or a copied mlx-lm ``state``
+    start: int
+    end: int
+    is_closed: bool = False
+
+    def __post_init__(self) -> None:
+        mx.eval(*_leaves(self.arrays))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in _leaves(self.arrays))
+
+    def close(self) -> None:
+        self.arrays = ()
+        self.is_closed = True
+
+
+class _Adapter(CheckedRestore):
+    """An mlx-lm cache object seen through the layer-cache contract."""
+
+    def __init__(self, cache: Any, faults: Faults) -> None:
+        self.cache = cache
+        self.faults = faults
+
+    @property
+    def offset(self) -> int:
+        return self.cache.offset
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes
+
+    def advance(self, count: int) -> None:
+        """Called after the model evaluated ``count`` tokens (it moved ``cache.offset``)."""
+
+
+class MLXKVLayer(RangeSnapshots, _Adapter):
+    """Attention (``KVCache``): a snapshot holds keys and values of its own range only."""
+
+    kind = LayerKind.KV
+
+    def snapshot(self, from_offset: int) -> Snapshot | None:
+        cache = self.cache
+        if cache.keys is None or cache.offset <= from_offset:
+            return None
+        start = max(0, from_offset)
+        keys = _copy(cache.keys[..., start : cache.offset, :])
+        values = _copy(cache.values[..., start : cache.offset, :])
+        return MLXSnapshot((keys, values), start, cache.offset)
+
+    def can_restore(self, snapshot: Snapshot | None, target: int) -> bool:
+        if snapshot is None:
+            return 0 <= target <= self.cache.offset
+        assert isinstance(snapshot, MLXSnapshot) and not snapshot.is_closed
+        return 0 <= target <= snapshot.end and self.cache.offset >= snapshot.start
+
+    def _rewind(self, target: int) -> None:
+        self.cache.offset = target
+
+    def _load(self, snapshot: Snapshot, target: int) -> bool:
+        assert isinstance(snapshot, MLXSnapshot)
+        self.cache.offset = snapshot.start
+        keys, values = snapshot.arrays
+        self.cache.update_and_fetch(keys, values)
+        mx.eval(self.cache.keys, self.cache.values)
+        self.cache.offset = min(self.cache.offset, target)
+        return True
+
+    def _cut(self, snapshot: Snapshot, cut: int, at: int) -> tuple[Snapshot, Snapshot]:
+        assert isinstance(snapshot, MLXSnapshot)
+        keys, values = snapshot.arrays
+        head = MLXSnapshot(
+            (_copy(keys[..., :cut, :]), _copy(values[..., :cut, :])), snapshot.start, at
+        )
+        tail = MLXSnapshot(
+            (_copy(keys[..., cut:, :]), _copy(values[..., cut:, :])), at, snapshot.end
+        )
+        return head, tail
+
+    def _join(self, parent: Snapshot, child: Snapshot) -> Snapshot:
+        assert isinstance(parent, MLXSnapshot) and isinstance(child, MLXSnapshot)
+        arrays = tuple(mx.concatenate([a, b], axis=2) for a, b in zip(parent.arrays, child.arrays))
+        return MLXSnapshot(arrays, parent.start, child.end)
+
+    def free(self) -> None:
+        self.cache.keys = self.cache.values = None
+        self.cache.offset = 0
+
+
+class MLXRotatingLayer(WholeStateSnapshots, _Adapter):
+    """Sliding-window attention (``RotatingKVCache``): a snapshot holds the cache's whole
+    public ``state`` (the ring buffer and its position), copied; a restore assigns it back."""
+
+    kind = LayerKind.ROTATING
+
+    def snapshot(self, from_offset: int) -> Snapshot | None:
+        cache = self.cache
+        if cache.keys is None or cache.offset <= from_offset:
+            return None
+        kept = min(cache.offset, cache.max_size)
+        return MLXSnapshot(_copy_state(cache.state), cache.offset - kept, cache.offset)
+
+    def can_restore(self, snapshot: Snapshot | None, target: int) -> bool:
+        # Rewinding is only safe while nothing has rotated out of the window.
+        cache = self.cache
+        if snapshot is None:
+            return target == cache.offset or (0 <= target < cache.offset and cache.is_trimmable())
+        assert isinstance(snapshot, MLXSnapshot) and not snapshot.is_closed
+        return 0 <= target <= snapshot.end and (
+            target == snapshot.end or snapshot.end < cache.max_size
+        )
+
+    def _rewind(self, target: int) -> None:
+        if target < self.cache.offset:
+            self.cache.trim(self.cache.offset - target)
+
+    def _load(self, snapshot: Snapshot, target: int) -> bool:
+        assert isinstance(snapshot, MLXSnapshot)
+        self.cache.state = _copy_state(snapshot.arrays)
+        mx.eval(self.cache.keys, self.cache.values)
+        self._rewind(target)
+        return True
+
+    def free(self) -> None:
+        self.cache = RotatingKVCache(max_size=self.cache.max_size, keep=self.cache.keep)
+
+
+class MLXRecurrentLayer(WholeStateSnapshots, _Adapter):
+    """Recurrent state (``ArraysCache``: conv and SSM / gated-delta state): never rewinds.
+
+    mlx-lm keeps no offset for these caches, so the adapter counts the tokens evaluated.
+    """
+
+    kind = LayerKind.RECURRENT
+
+    def __init__(self, cache: ArraysCache, faults: Faults) -> None:
+        super().__init__(cache, faults)
+        self._offset = 0
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    def advance(self, count: int) -> None:
+        self._offset += count
+
+    def snapshot(self, from_offset: int) -> Snapshot | None:
+        if self._offset == 0 or all(a is None for a in self.cache.cache):
+            return None
+        arrays = tuple(_copy(a) if a is not None else None for a in self.cache.cache)
+        return MLXSnapshot(arrays, self._offset, self._offset)
+
+    def can_restore(self, snapshot: Snapshot | None, target: int) -> bool:
+        if snapshot is None:
+            return target == self._offset
+        assert isinstance(snapshot, MLXSnapshot) and not snapshot.is_closed
+        return target == snapshot.end
+
+    def _rewind(self, target: int) -> None:
+        """Nothing to do: ``can_restore`` allows only the current offset."""
+
+    def _load(self, snapshot: Snapshot, target: int) -> bool:
+        assert isinstance(snapshot, MLXSnapshot)
+        self.cache.cache = [_copy(a) if a is not None else None for a in snapshot.arrays]
+        self._offset = snapshot.end
+        return True
+
+    def free(self) -> None:
+        self.cache.cache = [None] * len(self.cache.cache)
+        self._offset = 0
+
+
+MLXLayer = MLXKVLayer | MLXRotatingLayer | MLXRecurrentLayer
+
+
+def adapt(cache: Any, faults: Faults) -> MLXLayer:
+    if isinstance(cache, RotatingKVCache):
+        return MLXRotatingLayer(cache, faults)
+    if isinstance(cache, KVCache):
+        return MLXKVLayer(cache, faults)
+    if isinstance(cache, ArraysCache):
+        return MLXRecurrentLayer(cache, faults)
+    raise ValueError(
+        f"mlx-lm cache {type(cache).__name__} is not supported; kvtrie handles KVCache, "
+        "RotatingKVCache and ArraysCache (recurrent) layers"
+    )
+
+
+def arrays_of(cache: Any) -> list[mx.array]:
+    """The arrays an mlx-lm cache holds now, to evaluate them together."""
+    if isinstance(cache, ArraysCache):
+        return [a for a in cache.cache if a is not None]
+    return [a for a in (cache.keys, cache.values) if a is not None]
+
+
+def _window_in_time_order(cache: RotatingKVCache) -> list[mx.array]:
+    """The kept keys and values in time order: mlx-lm stores the window as a ring whose write
+    position is the last field of its public ``state`` (keys, values, offset, keep, max_size,
+    write index) in the mlx-lm versions pyproject.toml admits."""
+    keys, values, offset, keep, max_size, idx = cache.state
+    out = []
+    for array in (keys, values):
+        if idx < offset and idx != array.shape[2]:
+            array = mx.concatenate(
+                [array[..., :keep, :], array[..., idx:, :], array[..., keep:idx, :]], axis=2
+            )
+        elif idx != array.shape[2]:
+            array = array[..., :idx, :]
+        out.append(array[..., -min(offset, max_size) :, :])
+    return out
+
+
+def state_arrays(layer: MLXLayer) -> list[mx.array | None]:
+    """What the layer's live state means, position by position: a KV layer's keys and values
+    up to its offset, a window's in time order, a recurrent layer's state arrays."""
+    cache = layer.cache
+    if isinstance(layer, MLXRecurrentLayer):
+        return list(cache.cache)
+    if layer.offset == 0:
+        return []
+    if isinstance(layer, MLXRotatingLayer):
+        return _window_in_time_order(cache)
+    n = layer.offset
+    return [cache.keys[..., :n, :], cache.values[..., :n, :]]
+
+
+def state_difference(live: MLXLayer, ref: MLXLayer) -> float:
+    """The largest absolute difference between two layers' states (inf when they differ in
+    shape or in which arrays they hold)."""
+    mine, theirs = state_arrays(live), state_arrays(ref)
+    if len(mine) != len(theirs):
+        return float("inf")
+    pairs = list(zip(mine, theirs))
+    worst = 0.0
+    for a, b in pairs:
+        if (a is None) != (b is None):
+            return float("inf")
+        if a is not None:
+            if a.shape != b.shape:
+                return float("inf")
+            worst = max(worst, float(mx.abs(a - b).max()))
+    return worst
+
+

@@ -1,0 +1,112 @@
+"""The MLX backend: an mlx-lm model run over kvtrie's layer adapters, and its oracle."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
+
+from ..base import Faults
+from .adapters import MLXLayer, adapt, arrays_of, state_difference
+from .models import TINY_MODELS, build_tiny_model, vocab_of
+
+__all__ = ["LOGIT_TOLERANCE", "MLXBackend", "PREFILL_CHUNK", "STATE_TOLERANCE"]
+
+# Max |logit difference| accepted between a restored cache and a fresh full prefill (float32).
+LOGIT_TOLERANCE = 1e-4
+STATE_TOLERANCE = 1e-4
+PREFILL_CHUNK = 2048
+
+class MLXBackend:
+    """Runs an mlx-lm model over kvtrie's layer adapters."""
+
+    name = "mlx"
+
+    def __init__(self, model: Any, model_name: str, vocab_size: int) -> None:
+        self.model = model
+        self.model_name = model_name
+        self.vocab_size = vocab_size
+        self.max_logit_diff = 0.0  # the largest difference the oracle has measured
+        self.faults = Faults()
+
+    @classmethod
+    def from_name(cls, name: str, seed: int = 0) -> MLXBackend:
+        """A tiny registry model by name, or a local model directory."""
+        if name in TINY_MODELS:
+            return cls(build_tiny_model(name, seed), name, TINY_MODELS[name][1]["vocab_size"])
+        path = Path(name)
+        if not path.is_dir():
+            raise ValueError(
+                f"unknown MLX model {name!r}: use {', '.join(TINY_MODELS)} or a local model "
+                "directory (weights are never downloaded)"
+            )
+        from mlx_lm import load
+
+        model, tokenizer = load(str(path))
+        return cls(model, str(path), int(getattr(tokenizer, "vocab_size", 0)) or vocab_of(model))
+
+    def new_layers(self) -> list[MLXLayer]:
+        return [adapt(cache, self.faults) for cache in make_prompt_cache(self.model)]
+
+    def evaluate(self, layers: Sequence[MLXLayer], tokens: np.ndarray) -> mx.array | None:
+        """Forward ``tokens`` through the model on the live caches; the last position's logits."""
+        caches = [layer.cache for layer in layers]
+        logits = None
+        for start in range(0, len(tokens), PREFILL_CHUNK):
+            chunk = np.asarray(tokens[start : start + PREFILL_CHUNK], dtype=np.int32)
+            out = self.model(mx.array(chunk)[None], cache=caches)
+            logits = out[0, -1].astype(mx.float32)
+            mx.eval(logits, *[a for c in caches for a in arrays_of(c)])
+            for layer in layers:
+                layer.advance(len(chunk))
+        return logits
+
+    def generate(
+        self, layers: Sequence[MLXLayer], logits: mx.array | None, count: int
+    ) -> np.ndarray:
+        """Greedy decoding: every token but the last is evaluated, as a server does."""
+        out = np.empty(max(count, 0) if logits is not None else 0, dtype=np.int32)
+        for i in range(len(out)):
+            out[i] = int(mx.argmax(logits).item())
+            if i < len(out) - 1:
+                logits = self.evaluate(layers, out[i : i + 1])
+        return out
+
+    def fresh_logits(self, tokens: np.ndarray) -> mx.array | None:
+        return self.evaluate(self.new_layers(), tokens)
+
+    def mismatch(self, layers: Sequence[MLXLayer], prefix: np.ndarray) -> str | None:
+        """I9 after begin: every layer's arrays equal a fresh prefill's within tolerance."""
+        fresh = self.new_layers()
+        if len(prefix):
+            self.evaluate(fresh, prefix)
+        for index, (live, ref) in enumerate(zip(layers, fresh)):
+            if live.offset != ref.offset:
+                return f"layer {index} at offset {live.offset}, fresh prefill at {ref.offset}"
+            diff = state_difference(live, ref)
+            if diff > STATE_TOLERANCE:
+                return (
+                    f"layer {index} ({live.kind.value}) differs from a fresh prefill by {diff:.3g}"
+                )
+        return None
+
+    def unaccounted(self, held: int) -> str | None:
+        """MLX arrays are freed by reference counting; there is no ledger to compare."""
+        return None
+
+    def logits_mismatch(self, prompt: np.ndarray, logits: mx.array | None) -> str | None:
+        """I9 after prefill: the live logits equal a fresh full prefill's within tolerance."""
+        fresh = self.fresh_logits(prompt)
+        if logits is None:
+            return "no logits: the request evaluated no token"
+        diff = float(mx.abs(fresh - logits).max())
+        self.max_logit_diff = max(self.max_logit_diff, diff)
+        if diff > LOGIT_TOLERANCE:
+            return f"logits differ from a fresh prefill by {diff:.3g} (tolerance {LOGIT_TOLERANCE})"
+        return None
+
+

@@ -1,0 +1,125 @@
+"""Models for the MLX backend: tiny seeded random-weight mlx-lm models, and local directories.
+
+No weights are downloaded. ``tiny-attention`` (llama), ``tiny-swa`` (gemma3_text, sliding
+window 8) and ``tiny-hybrid`` (qwen3_next: gated-delta linear attention + attention) are small
+models built from mlx-lm's own model classes; the ``small-*`` ones are wider, for benchmarks.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import mlx.core as mx
+
+__all__ = ["TINY_MODELS", "build_tiny_model", "vocab_of"]
+
+_VOCAB = 512
+TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-attention": (
+        "llama",
+        {
+            "model_type": "llama",
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-5,
+            "vocab_size": _VOCAB,
+            "tie_word_embeddings": False,
+        },
+    ),
+    "tiny-swa": (
+        "gemma3_text",
+        {
+            "model_type": "gemma3_text",
+            "hidden_size": 64,
+            "num_hidden_layers": 4,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "vocab_size": _VOCAB,
+            "sliding_window": 8,
+            "sliding_window_pattern": 2,
+            "rms_norm_eps": 1e-6,
+        },
+    ),
+    "tiny-hybrid": (
+        "qwen3_next",
+        {
+            "model_type": "qwen3_next",
+            "hidden_size": 64,
+            "num_hidden_layers": 4,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "linear_num_value_heads": 4,
+            "linear_num_key_heads": 2,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16,
+            "linear_conv_kernel_dim": 4,
+            "num_experts": 0,
+            "num_experts_per_tok": 0,
+            "decoder_sparse_step": 1,
+            "shared_expert_intermediate_size": 0,
+            "mlp_only_layers": [],
+            "moe_intermediate_size": 0,
+            "rms_norm_eps": 1e-6,
+            "vocab_size": _VOCAB,
+            "num_key_value_heads": 2,
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "max_position_embeddings": 4096,
+            "head_dim": 16,
+            "full_attention_interval": 2,
+        },
+    ),
+}
+
+# Wider models for benchmarks, where compute must dominate the cache's own bookkeeping.
+TINY_MODELS["small-attention"] = (
+    "llama",
+    {
+        **TINY_MODELS["tiny-attention"][1],
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "intermediate_size": 512,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+    },
+)
+TINY_MODELS["small-hybrid"] = (
+    "qwen3_next",
+    {
+        **TINY_MODELS["tiny-hybrid"][1],
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_attention_heads": 8,
+        "linear_num_value_heads": 8,
+        "linear_num_key_heads": 4,
+        "linear_key_head_dim": 32,
+        "linear_value_head_dim": 32,
+        "head_dim": 32,
+    },
+)
+
+
+def build_tiny_model(name: str, seed: int = 0) -> Any:
+    """A seeded random-weight mlx-lm model from the registry, in float32."""
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_MODELS)}")
+    family, config = TINY_MODELS[name]
+    module = importlib.import_module(f"mlx_lm.models.{family}")
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    return model
+
+
+def vocab_of(model: Any) -> int:
+    args = getattr(model, "args", None)
+    return int(getattr(args, "vocab_size", 0))
+
+
