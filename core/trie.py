@@ -2,7 +2,9 @@
 
 Every node's edge covers ``[start, end)`` with ``child.start == parent.end``; the root is
 ``[0, 0)``. Children are keyed by the first token of their edge, so siblings never share it.
-Paged-out bytes change in exactly one place, :meth:`Node.set_snapshots`.
+Paged-out bytes change in exactly one place, :meth:`Node.set_snapshots`. A structural
+operation called on a node it does not apply to is a bug in its caller and raises
+``AssertionError`` with the numbers, which the replayer reports with a dump of the trie.
 """
 
 from __future__ import annotations
@@ -232,7 +234,7 @@ def split_node(node: Node, at: int, caches: Sequence[LayerCache], ledger: ByteLe
     Snapshots are split by each layer; a layer that can't split leaves the parent half empty.
     """
     if not 0 < at < len(node.tokens):
-        raise ValueError(f"split at {at} outside the edge of {len(node.tokens)} tokens")
+        raise AssertionError(f"split at {at} outside the edge of {len(node.tokens)} tokens")
     assert node.parent is not None
     parent = Node(
         tokens=node.tokens[:at].copy(),
@@ -259,7 +261,7 @@ def split_node(node: Node, at: int, caches: Sequence[LayerCache], ledger: ByteLe
 def merge_with_child(node: Node, caches: Sequence[LayerCache], ledger: ByteLedger) -> Node:
     """Fold ``node``'s only child into it; returns the absorbed child (now detached)."""
     if len(node.children) != 1:
-        raise ValueError(f"merge needs exactly one child, node has {len(node.children)}")
+        raise AssertionError(f"merge needs exactly one child, node has {len(node.children)}")
     (child,) = node.children.values()
     mine = node.take_snapshots(ledger)
     theirs = child.take_snapshots(ledger)
@@ -286,9 +288,9 @@ def merge_with_child(node: Node, caches: Sequence[LayerCache], ledger: ByteLedge
 def remove_leaf(node: Node, ledger: ByteLedger) -> None:
     """Detach a leaf from its parent and close its snapshots."""
     if node.parent is None:
-        raise ValueError("the root can't be removed")
+        raise AssertionError("the root can't be removed")
     if node.children:
-        raise ValueError(f"{node!r} is not a leaf")
+        raise AssertionError(f"{node!r} is not a leaf")
     del node.parent.children[int(node.tokens[0])]
     ledger.touch(node, node.parent)
     node.parent = None
@@ -298,9 +300,9 @@ def remove_leaf(node: Node, ledger: ByteLedger) -> None:
 def shorten_bare_leaf(node: Node, length: int, ledger: ByteLedger) -> None:
     """Keep only the first ``length`` tokens of a leaf that holds no snapshots."""
     if node.children or node.snapshots is not None:
-        raise ValueError(f"{node!r} is not a bare leaf")
+        raise AssertionError(f"{node!r} is not a bare leaf")
     if not 0 < length <= len(node.tokens):
-        raise ValueError(f"can't shorten an edge of {len(node.tokens)} tokens to {length}")
+        raise AssertionError(f"can't shorten an edge of {len(node.tokens)} tokens to {length}")
     node.end = node.start + length
     node.tokens = node.tokens[:length].copy()
     ledger.touch(node)

@@ -29,6 +29,7 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     get_state_machine_test,
     initialize,
+    invariant,
     precondition,
     rule,
 )
@@ -151,6 +152,7 @@ def _machine(
         def __init__(self) -> None:
             super().__init__()
             self.lines: list[dict[str, Any]] = []
+            self.found: list = []
             self.idle = deadline is not None and time.monotonic() > deadline
             last["machine"] = self
             result.examples += 1
@@ -174,17 +176,23 @@ def _machine(
             if marks:
                 line["user_snapshots"] = marks
             self.lines.append(line)
-            found = self.runner.run(np.asarray(prompt, dtype=np.int32), out, marks).violations
+            self.found += self.runner.run(np.asarray(prompt, dtype=np.int32), out, marks).violations
             self._collect()
-            assert not found, "; ".join(map(str, found))
             return prompt + out
 
         def _apply(self, event: Event) -> None:
             if self.idle:
                 return
             self.lines.append(event.as_line())
-            found = self.runner.apply(event)
+            self.found += self.runner.apply(event)
             self._collect()
+
+        @invariant()
+        def every_check_holds(self) -> None:
+            """The one place the machine asserts: what the runner's checks found in the last
+            step (every structural invariant, the oracle, leaks, unexplained restore
+            failures)."""
+            found, self.found = self.found, []
             assert not found, "; ".join(map(str, found))
 
         def _collect(self) -> None:

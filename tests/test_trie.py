@@ -65,12 +65,12 @@ def test_split_keeps_offsets_and_links(edge, at, parent_range, child_range):
 
 
 @pytest.mark.parametrize("at", [0, 4, -1])
-def test_split_outside_the_edge_is_refused(at):
+def test_split_outside_the_edge_is_a_caller_bug(at):
     from kvtrie.core.trie import split_node
 
     root, ledger = _trie([1, 2, 3, 4])
     (node,) = root.children.values()
-    with pytest.raises(ValueError, match="outside the edge"):
+    with pytest.raises(AssertionError, match="outside the edge"):
         split_node(node, at, [], ledger)
 
 
@@ -92,7 +92,7 @@ def test_merge_needs_exactly_one_child():
 
     root, ledger = _trie([1, 2], [1, 2, 3], [1, 2, 4])
     (node,) = root.children.values()
-    with pytest.raises(ValueError, match="exactly one child, node has 2"):
+    with pytest.raises(AssertionError, match="exactly one child, node has 2"):
         merge_with_child(node, [], ledger)
 
 
@@ -101,12 +101,12 @@ def test_remove_leaf_detaches_it_and_refuses_interior_nodes():
 
     root, ledger = _trie([1, 2], [1, 2, 3], [1, 2, 4])
     (node,) = root.children.values()
-    with pytest.raises(ValueError, match="not a leaf"):
+    with pytest.raises(AssertionError, match="not a leaf"):
         remove_leaf(node, ledger)
     leaf = node.children[3]
     remove_leaf(leaf, ledger)
     assert leaf.parent is None and _ranges(root) == [(0, 2), (2, 3)]
-    with pytest.raises(ValueError, match="root"):
+    with pytest.raises(AssertionError, match="root"):
         remove_leaf(root, ledger)
 
 

@@ -1,0 +1,89 @@
+"""``kvtrie bench``: speed and memory, measured and written as JSON."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kvtrie.core.render import format_bytes
+
+from . import EXIT_OK, EXIT_VIOLATION
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="measure speed and memory, written as JSON",
+        description="replay: the whole Mooncake conversation trace on the fake backend at an "
+        "infinite budget with every check on; reports wall time, peak RSS and tokens/s. "
+        "eviction: seconds per eviction in two tries 10x apart in size (flat with the "
+        "eviction index). "
+        "mlx: on real MLX models, warm vs cold prefill, page-in vs recompute, the cache's "
+        "overhead with no shared prefixes, and tokens computed by kvtrie vs mlx-lm's own "
+        "prompt cache, all as ratios measured in one run.",
+    )
+    bench.add_argument("suite", choices=["replay", "eviction", "mlx"], help="what to measure")
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run: replay the first 1000 requests; mlx with tiny models "
+        "and 512-token prompts",
+    )
+    bench.add_argument("--report", type=Path, help="write the JSON results here")
+    bench.set_defaults(func=run)
+
+
+def _print_mlx_bench(results: dict) -> None:
+    print(
+        f"mlx bench ({results['attention_model']}, {results['prompt_tokens']} tokens): "
+        f"warm_cold_ratio {results['warm_cold_ratio']:.1f} (ideal "
+        f"{results['warm_cold_ideal']:.0f}), pagein_vs_recompute "
+        f"{results['pagein_vs_recompute']:.1f}, overhead_zero_hit "
+        f"{results['overhead_zero_hit']:.3f}"
+    )
+    for row in results["computed_tokens"]:
+        print(
+            f"  {row['model']} budget "
+            f"{'inf' if row['budget_bytes'] is None else format_bytes(row['budget_bytes'])}: "
+            f"computed tokens kvtrie {row['kvtrie_computed_tokens']:,} vs "
+            f"mlx-lm {row['mlxlm_computed_tokens']:,} of {row['prompt_tokens']:,} prompt "
+            f"tokens; live {row['kvtrie_live_bytes']:,} B, paged out "
+            f"{row['kvtrie_paged_out_bytes']:,} B"
+        )
+    met = results["targets_met"]
+    print("  targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items()))
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import bench_eviction, bench_mlx, bench_replay
+    from ..report import report_json
+    from ..traces import write_atomic
+
+    clean = True
+    if args.suite == "replay":
+        results = bench_replay(quick=args.quick)
+        print(
+            f"replay bench: {results['requests']} requests, {results['prompt_tokens']:,} prompt "
+            f"tokens in {results['wall_seconds']:.2f} s ({results['tokens_per_second']:,.0f} "
+            f"tokens/s), peak RSS {results['peak_rss_bytes'] / 2**20:,.0f} MiB, hit ratio "
+            f"{results['hit_ratio']:.4f}; targets {'met' if results['targets_met'] else 'MISSED'}"
+        )
+        clean = results["clean"]
+    elif args.suite == "eviction":
+        results = bench_eviction(quick=args.quick)
+        for row in results["tries"]:
+            print(
+                f"eviction bench: {row['nodes']:,} nodes, {row['evictions']:,} evictions, "
+                f"{row['seconds_per_eviction'] * 1e6:.1f} us each"
+            )
+        print(
+            f"  per-eviction cost grew {results['per_eviction_growth']:.2f}x for a 10x larger "
+            f"trie; target {'met' if results['targets_met'] else 'MISSED'}"
+        )
+        clean = results["targets_met"]
+    else:
+        results = bench_mlx(quick=args.quick)
+        _print_mlx_bench(results)
+    if args.report:
+        write_atomic(args.report, report_json(results))
+    return EXIT_OK if clean else EXIT_VIOLATION

@@ -1,0 +1,148 @@
+"""``kvtrie replay``: a trace through the cache, every invariant checked after every request."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kvtrie.core.policy import STRATEGIES
+from kvtrie.core.prefix_cache import DEFAULT_BUDGET_BYTES, POLICIES
+
+from ..build import default_model, make_backend, make_cache, make_policy, parse_size, trace_path
+from . import EXIT_BAD_INPUT, EXIT_OK, EXIT_VIOLATION
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    replay = sub.add_parser(
+        "replay",
+        help="replay a trace through the cache and report what was cached",
+        description="Replay a recorded multi-conversation trace (kvtrie JSONL or Mooncake) "
+        "through the cache, serially in arrival order, checking every invariant after every "
+        "request. Exit 0 when clean, 1 on a violation, 2 on bad input.",
+    )
+    replay.add_argument(
+        "trace",
+        help="a kvtrie JSONL or Mooncake JSONL file, or a bundled "
+        "trace: mooncake, system-prompt, agent, rag, branching, shared-prefix",
+    )
+    _add_cache_options(replay)
+    replay.add_argument(
+        "--check",
+        default="every",
+        help="every (default: incremental checks and the oracle after every "
+        "request), full (walk the whole trie each time), sample:N, off",
+    )
+    replay.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="replay only the first N requests"
+    )
+    replay.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="record violations and go on instead of stopping at the first",
+    )
+    replay.add_argument(
+        "--mutant",
+        default=None,
+        help="run with a named mutant of the cache (a regression trace the fuzzer wrote for "
+        "a mutant names it in its header and replays with it; 'none' replays the real code)",
+    )
+    replay.add_argument("--report", type=Path, help="write the JSON report here")
+    replay.add_argument("--markdown", type=Path, help="write a Markdown summary here")
+    replay.add_argument("-q", "--quiet", action="store_true", help="no summary, no progress bar")
+    replay.set_defaults(func=run)
+
+
+def _add_cache_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        choices=["fake", "mlx"],
+        default=None,
+        help="fake: deterministic tensors sized by a model profile (default); "
+        "mlx: real mlx-lm models. Options left out come from the trace's header when it has "
+        "them (backend, profile, budget_bytes, policy), else from these defaults",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="fake: a profile name or a profiles TOML file (default llama-8b); "
+        "mlx: tiny-attention, tiny-swa, tiny-hybrid or a local model directory",
+    )
+    parser.add_argument(
+        "--budget",
+        default=None,
+        help="most paged-out snapshot bytes, e.g. 8GiB, 512MiB, inf (default 8GiB)",
+    )
+    parser.add_argument(
+        "--policy",
+        default=None,
+        metavar="POLICY",
+        help=f"{' or '.join(POLICIES)} (default kvtrie-seed: the seed's exact semantics; "
+        "kvtrie-improved: every strategy below that the model's layers allow), optionally "
+        "followed by strategy changes, e.g. improved,-page-in-moves or "
+        f"seed,+partial-edges. Strategies: {', '.join(STRATEGIES)}=K",
+    )
+    parser.add_argument(
+        "--snapshot-interval",
+        type=int,
+        default=None,
+        metavar="K",
+        help="also snapshot every K tokens of a long prefill (0: off)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..replay import replay
+    from ..report import build_report, markdown_summary, report_json, text_summary
+    from ..runner import CheckMode
+    from ..traces import TraceError, load_trace, read_header, write_atomic
+
+    path = trace_path(args.trace)
+    header = read_header(path)  # a trace may carry its own backend, model, budget and policy
+    backend_name = args.backend or header.get("backend", "fake")
+    model = args.model or header.get("profile") or default_model(backend_name)
+    try:
+        if args.budget is not None:
+            budget = parse_size(args.budget)
+        else:
+            budget = header.get("budget_bytes", DEFAULT_BUDGET_BYTES)
+            if budget is not None and (
+                isinstance(budget, bool) or not isinstance(budget, int) or budget < 0
+            ):
+                raise ValueError(
+                    f"{path}:1: budget_bytes must be an integer >= 0 or null, got {budget!r}"
+                )
+        policy = make_policy(
+            args.policy or header.get("policy", "kvtrie-seed"), args.snapshot_interval
+        )
+        mode = CheckMode.parse(args.check)
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        backend = make_backend(backend_name, model)
+        trace = load_trace(path, vocab_size=backend.vocab_size)
+    except (ValueError, TraceError, OSError) as exc:
+        print(f"kvtrie replay: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from ..mutants import MUTANTS, mutated
+
+    mutant = None if args.mutant == "none" else args.mutant or header.get("mutant")
+    if mutant is not None and mutant not in MUTANTS:
+        print(
+            f"kvtrie replay: unknown mutant {mutant!r}; choose one of {', '.join(MUTANTS)}",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    with mutated(mutant):  # built under the mutant: some patch choices made at construction
+        cache = make_cache(backend, budget, policy)
+        progress = False if args.quiet else None
+        outcome = replay(trace, backend, cache, mode, args.limit, args.keep_going, progress)
+    report = build_report(trace, outcome, cache, backend_name, model, args.check)
+    if not args.quiet:
+        print(text_summary(report))
+    if outcome.violations:
+        print(f"\ntrie at the violation:\n{outcome.trie_dump}", file=sys.stderr)
+    if args.report:
+        write_atomic(args.report, report_json(report))
+    if args.markdown:
+        write_atomic(args.markdown, markdown_summary(report))
+    return EXIT_VIOLATION if outcome.violations else EXIT_OK
