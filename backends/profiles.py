@@ -51,26 +51,56 @@ class ModelProfile:
         return sum(s.count * s.bytes_per_token for s in self.layers if s.kind is LayerKind.KV)
 
 
-def _parse_profile(name: str, table: dict, source: str) -> ModelProfile:
-    try:
-        specs = []
-        for i, layer in enumerate(table["layers"]):
-            fields = dict(layer)
-            kind = fields.pop("kind")
-            try:
-                specs.append(LayerSpec(kind=LayerKind(kind), **fields))
-            except (ValueError, TypeError) as exc:
-                raise ValueError(f"layers[{i}]: {exc}") from None
-        return ModelProfile(
-            name=name,
-            layers=tuple(specs),
-            vocab_size=int(table["vocab_size"]),
-            description=str(table.get("description", "")),
-        )
-    except KeyError as exc:
-        raise ValueError(f"{source}: profile {name!r} lacks the key {exc}") from None
-    except ValueError as exc:
-        raise ValueError(f"{source}: profile {name!r}: {exc}") from None
+LAYER_KEYS = {"kind", "count", "bytes_per_token", "window", "state_bytes"}
+PROFILE_KEYS = {"description", "vocab_size", "layers"}
+
+
+def _positive_int(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+def _parse_profile(name: str, table: object, source: str) -> ModelProfile:
+    """One ``[profiles.NAME]`` table; every error names the file and the key."""
+    where = f"{source}: profiles.{name}"
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: expected a table, got {table!r}")
+    unknown = sorted(set(table) - PROFILE_KEYS)
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown key; keys are {', '.join(PROFILE_KEYS)}")
+    for key in ("vocab_size", "layers"):
+        if key not in table:
+            raise ValueError(f"{where}: lacks the key {key!r}")
+    vocab = _positive_int(table["vocab_size"], f"{where}.vocab_size")
+    if vocab < 2:
+        raise ValueError(f"{where}.vocab_size: a vocabulary needs at least 2 tokens, got {vocab}")
+    layers = table["layers"]
+    if not isinstance(layers, list) or not layers:
+        raise ValueError(f"{where}.layers: expected a non-empty list of layer tables")
+    specs = []
+    for i, layer in enumerate(layers):
+        at = f"{where}.layers[{i}]"
+        if not isinstance(layer, dict):
+            raise ValueError(f"{at}: expected a table, got {layer!r}")
+        unknown = sorted(set(layer) - LAYER_KEYS)
+        if unknown:
+            raise ValueError(f"{at}.{unknown[0]}: unknown key; keys are {', '.join(LAYER_KEYS)}")
+        kinds = [k.value for k in LayerKind]
+        if layer.get("kind") not in kinds:
+            raise ValueError(f"{at}.kind: expected one of {', '.join(kinds)}, got {layer.get('kind')!r}")
+        fields = {k: v for k, v in layer.items() if k != "kind"}
+        for key, value in fields.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{at}.{key}: expected an integer >= 0, got {value!r}")
+        try:
+            specs.append(LayerSpec(kind=LayerKind(layer["kind"]), **fields))
+        except ValueError as exc:
+            raise ValueError(f"{at}: {exc}") from None
+    description = table.get("description", "")
+    if not isinstance(description, str):
+        raise ValueError(f"{where}.description: expected a string, got {description!r}")
+    return ModelProfile(name=name, layers=tuple(specs), vocab_size=vocab, description=description)
 
 
 def load_profiles(path: Path | None = None) -> dict[str, ModelProfile]:
@@ -79,17 +109,27 @@ def load_profiles(path: Path | None = None) -> dict[str, ModelProfile]:
         text = resources.files("kvtrie.backends").joinpath("profiles.toml").read_text()
         source = "profiles.toml"
     else:
-        text = Path(path).read_text()
         source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{source}: not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:
+            raise ValueError(f"{source}: {exc.strerror or exc}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{source}: {exc}") from None
-    return {name: _parse_profile(name, t, source) for name, t in data.get("profiles", {}).items()}
+    profiles = data.get("profiles", {})
+    if not isinstance(profiles, dict):
+        raise ValueError(f"{source}: profiles: expected [profiles.NAME] tables, got {profiles!r}")
+    return {name: _parse_profile(name, t, source) for name, t in profiles.items()}
 
 
 def get_profile(name: str) -> ModelProfile:
     """A bundled profile by name, or the single profile of a TOML file at that path."""
+    if not isinstance(name, str):
+        raise ValueError(f"a model profile is named by a string, got {name!r}")
     if name.endswith(".toml"):
         profiles = load_profiles(Path(name))
         if len(profiles) != 1:

@@ -13,6 +13,7 @@ import heapq
 import itertools
 import logging
 import math
+from collections.abc import Container
 from typing import TYPE_CHECKING, Protocol
 
 from .trie import Node, merge_with_child, remove_leaf, split_node, walk
@@ -92,12 +93,12 @@ class EvictionIndex:
         heapq.heapify(self._heap)
         self._rebuild_at = max(4096, 4 * len(self._heap))
 
-    def evictable(self, node: Node, active: set[int]) -> bool:
+    def evictable(self, node: Node, active: Container[int]) -> bool:
         """A node may be evicted when it is in the trie, off the active path and holds
         snapshots."""
         return id(node) not in active and not node.is_root and node.has_snapshots()
 
-    def pop_victim(self, active: set[int]) -> Node | None:
+    def pop_victim(self, active: Container[int]) -> Node | None:
         """Remove and return the first node in eviction order that may be evicted, or None."""
         heap = self._heap
         held = []
@@ -120,10 +121,13 @@ class EvictionIndex:
         return victim
 
 
-class EvictionObserver(Protocol):
-    """Told of every eviction before it happens (the invariant checker's audit is one)."""
+class CacheObserver(Protocol):
+    """Told of every eviction before it happens and of every page-out after it (the invariant
+    checker's audit is one)."""
 
-    def evicting(self, cache: PrefixCache, victim: Node, active: set[int]) -> None: ...
+    def evicting(self, cache: PrefixCache, victim: Node, protected: Container[int]) -> None: ...
+
+    def paged_out(self, cache: PrefixCache, node: Node) -> None: ...
 
 
 class Evictor:
@@ -132,7 +136,8 @@ class Evictor:
     def __init__(self, cache: PrefixCache) -> None:
         self.cache = cache
         self.index = EvictionIndex(cache.policy.eviction)
-        self.observers: list[EvictionObserver] = []
+        self.observers: list[CacheObserver] = []
+        self.limit = 0  # what the eviction under way brings paged-out bytes down to
         cache.ledger.listeners.append(self.index.touched)
 
     def budget_changed(self) -> None:
@@ -147,21 +152,37 @@ class Evictor:
             self.index.touched(node)
 
     def enforce(self) -> None:
-        """Evict until paged-out bytes fit the budget or only active snapshots are left."""
+        """Evict until paged-out bytes fit the budget or only active snapshots are left (a
+        lowered budget; page-outs make room first, so they never leave the cache over it)."""
+        budget = self.cache.budget_bytes
+        if budget is not None:
+            self._evict_until(budget, {id(node) for node in self.cache.active_path})
+
+    def make_room(self, nbytes: int, protected: dict[int, Node]) -> bool:
+        """Before ``nbytes`` more are paged out: evict, in order and never a ``protected``
+        node, until they fit the budget. False, evicting nothing, when they can't fit even
+        with every other node evicted: then the snapshot must not be taken."""
         cache = self.cache
         budget = cache.budget_bytes
-        if budget is None or cache.ledger.total <= budget:
-            return
-        active = {id(node) for node in cache.active_path}
-        while cache.ledger.total > budget:
-            victim = self.index.pop_victim(active)
+        if budget is None or nbytes <= 0:
+            return True
+        if sum(node.snapshot_bytes for node in protected.values()) + nbytes > budget:
+            return False
+        self._evict_until(budget - nbytes, protected)
+        return cache.ledger.total + nbytes <= budget
+
+    def _evict_until(self, limit: int, protected: Container[int]) -> None:
+        cache = self.cache
+        self.limit = limit
+        while cache.ledger.total > limit:
+            victim = self.index.pop_victim(protected)
             if victim is None:
                 break
             for observer in self.observers:
-                observer.evicting(cache, victim, active)
-            self.evict(victim, active)
+                observer.evicting(cache, victim, protected)
+            self.evict(victim, protected)
 
-    def evict(self, node: Node, active: set[int]) -> None:
+    def evict(self, node: Node, active: Container[int]) -> None:
         cache = self.cache
         cache.stats.evictions += 1
         log.debug(
@@ -197,15 +218,15 @@ class Evictor:
 
     def trim_leaf(self, node: Node) -> bool:
         """With :class:`~kvtrie.core.policy.TrimTailPages`, drop just enough whole pages from
-        the end of a leaf to fit the budget, keeping its prefix restorable; False when the
-        whole leaf has to go."""
+        the end of a leaf to bring paged-out bytes to the eviction's limit, keeping its prefix
+        restorable; False when the whole leaf has to go."""
         cache = self.cache
         if not cache.policy.trim_tail_pages.on or cache.budget_bytes is None:
             return False
         if not node.has_all_snapshots():
             return False
         per_token = node.snapshot_bytes / len(node.tokens)
-        tokens = math.ceil((cache.ledger.total - cache.budget_bytes) / per_token)
+        tokens = math.ceil((cache.ledger.total - self.limit) / per_token)
         keep = len(node.tokens) - math.ceil(tokens / TRIM_PAGE) * TRIM_PAGE
         if keep < 1:
             return False

@@ -9,6 +9,7 @@ the oracle in the backends.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,8 +110,9 @@ def _facts(node: Node) -> tuple[int, int, int]:
 
 
 class EvictionAudit:
-    """Recomputes evictions' victims from a walk of the trie, independently of the cache's
-    eviction index, so the index is verified rather than trusted.
+    """Checks the ceiling after every page-out, and recomputes evictions' victims from a walk
+    of the trie, independently of the cache's eviction index, so the index is verified rather
+    than trusted.
 
     A walk per eviction would cost what the index saves, so unless ``every_eviction`` is set
     (the fuzzer's full checks) an eviction is audited once the evictions since the last audit
@@ -129,7 +131,7 @@ class EvictionAudit:
         self.checks_order = cache.policy.eviction.name == OldestDeepestLargest.name
         cache.evictor.observers.append(self)
 
-    def evicting(self, cache: PrefixCache, victim: Node, active: set[int]) -> None:
+    def evicting(self, cache: PrefixCache, victim: Node, active: Container[int]) -> None:
         self.credit += 1
         if not self.every_eviction and self.credit * self.WALK_SHARE < self.walked:
             return
@@ -140,8 +142,12 @@ class EvictionAudit:
             self.violations.append(Violation("I7", f"evicting active {_where(victim)}"))
         nodes = list(walk(cache.root))
         self.walked = len(nodes)
+        # ``active`` is what this eviction must spare: the active path, and during a switch
+        # the path about to be paged in too
         candidates = [
-            n for n in nodes if id(n) not in on_path and not n.is_root and n.has_snapshots()
+            n
+            for n in nodes
+            if id(n) not in on_path and id(n) not in active and not n.is_root and n.has_snapshots()
         ]
         if not self.checks_order or not candidates:
             return
@@ -152,6 +158,20 @@ class EvictionAudit:
                     "EVICT",
                     f"evicted (last_used, end, bytes) = {_facts(victim)} before "
                     f"{_facts(first)}, which is older, deeper or larger",
+                )
+            )
+
+    def paged_out(self, cache: PrefixCache, node: Node) -> None:
+        """I6 at every instant: room is made before a page-out, so after one paged-out bytes
+        are within the budget, whatever was there before."""
+        budget = cache.budget_bytes
+        total = cache.ledger.total
+        if budget is not None and total > budget:
+            self.violations.append(
+                Violation(
+                    "I6",
+                    f"paging out {_where(node)} took paged-out bytes to {total} B, over the "
+                    f"budget {budget} B",
                 )
             )
 

@@ -23,13 +23,14 @@ import numpy as np
 
 from .evict import TRIM_PAGE, Evictor
 from .policy import POLICIES, CachePolicy
-from .protocols import LayerCache, LayerKind
+from .protocols import LayerCache, LayerKind, Snapshot
 from .trie import (
     ByteLedger,
     Node,
     append_tokens,
     as_tokens,
     match,
+    remove_leaf,
     shorten_bare_leaf,
     split_node,
     walk,
@@ -64,6 +65,7 @@ class CacheStats:
     merges: int = 0
     evictions: int = 0
     restore_failures: int = 0
+    snapshots_skipped: int = 0  # snapshots not taken: they could not fit the budget
 
 
 @dataclass(frozen=True)
@@ -207,8 +209,7 @@ class PrefixCache:
             self.stats.splits += 1
             self.release_live_path()
         if not node.has_all_snapshots():
-            self.attach_live_snapshots(node)
-            self.stats.page_outs += 1
+            self._page_out(node, self._on_path(node))
         for layer in self.layers:
             layer.restore(None, target)
         return True
@@ -230,13 +231,13 @@ class PrefixCache:
         # Only the frontier's live state is right for every layer (a recurrent layer holds the
         # state at the frontier, not at any node above it), so only the frontier is paged out;
         # on an attention-only model, so are the nodes above it whose snapshots moved in.
+        # Room for a page-out is made before it, evicting neither path: the new path is about
+        # to be paged in.
+        protected = self._on_path(*old_path, *new_path)
         frontier = old_path[-1]
         if len(old_path) - 1 >= common and not frontier.has_all_snapshots():
-            self.attach_live_snapshots(frontier)
-            self.stats.page_outs += 1
-            log.debug("page out [%d, %d)", frontier.start, frontier.end)
-            self._drop_partial_page(frontier)
-        self._page_out_interior(old_path[common:-1])
+            self._page_out_leaving(frontier, protected)
+        self._page_out_interior(old_path[common:-1], protected)
 
         for layer in self.layers:
             if not layer.restore(None, ancestor_end):
@@ -245,6 +246,11 @@ class PrefixCache:
         for node in new_path:
             if not node.snapshots:
                 continue
+            if not all(
+                snap is None or layer.offset >= node.end or layer.can_restore(snap, node.end)
+                for layer, snap in zip(self.layers, node.snapshots)
+            ):
+                break  # a node above was never paged out (its snapshot did not fit): stop here
             for index, (layer, snap) in enumerate(zip(self.layers, node.snapshots)):
                 if snap is None or layer.offset >= node.end:
                     continue
@@ -281,7 +287,7 @@ class PrefixCache:
             for node in self.active_path[1:]:
                 node.set_snapshots(None, self.ledger)
 
-    def _page_out_interior(self, nodes: list[Node]) -> None:
+    def _page_out_interior(self, nodes: list[Node], protected: dict[int, Node]) -> None:
         """Page out the active nodes above the frontier that the live layers alone hold (their
         snapshots moved in), deepest first, rewinding to each one's end: attention only."""
         for node in reversed(nodes):
@@ -289,9 +295,7 @@ class PrefixCache:
                 continue
             for layer in self.layers:
                 layer.restore(None, node.end)
-            self.attach_live_snapshots(node)
-            self.stats.page_outs += 1
-            log.debug("page out [%d, %d)", node.start, node.end)
+            self._page_out(node, protected)
 
     def fall_back_to_root(self) -> None:
         """A restore failed: free every layer and recompute from the root, never serving a
@@ -309,18 +313,83 @@ class PrefixCache:
         live = self.live_offset
         for layer in self.layers:
             layer.restore(None, live)
-        self._page_out_interior([node for node in self.active_path[1:] if node.end <= live])
+        path = [node for node in self.active_path[1:] if node.end <= live]
+        self._page_out_interior(path, self._on_path())
 
     # ---- snapshots and trie growth --------------------------------------------------------
 
-    def attach_live_snapshots(self, node: Node) -> None:
-        """Replace ``node``'s snapshots with fresh copies of the live layers' ``[start, end)``."""
+    def _on_path(self, *nodes: Node) -> dict[int, Node]:
+        """The active path and ``nodes`` by id: what making room must not evict."""
+        return {id(node): node for node in (*self.active_path, *nodes)}
+
+    def _page_out(self, node: Node, protected: dict[int, Node]) -> bool:
+        """Page ``node`` out of the live layers (at its end), counted; False when it did not
+        fit the budget."""
+        if not self.attach_live_snapshots(node, protected):
+            return False
+        self.stats.page_outs += 1
+        log.debug("page out [%d, %d)", node.start, node.end)
+        return True
+
+    def _page_out_leaving(self, leaf: Node, protected: dict[int, Node]) -> None:
+        """Page out the frontier the switch leaves: under pressure, with
+        :class:`~kvtrie.core.policy.WholePagesUnderPressure`, cut back to a page boundary
+        first; a leaf whose snapshot can't fit at all leaves the trie (nothing could restore
+        it)."""
+        snapshots = self._live_snapshots(leaf)
+        size = sum(snap.nbytes for snap in snapshots if snap is not None)
+        keep = leaf.end // TRIM_PAGE * TRIM_PAGE - leaf.start
+        if (
+            self.policy.whole_pages.on
+            and self.budget_bytes is not None
+            and self.ledger.total - leaf.snapshot_bytes + size > self.budget_bytes
+            and not leaf.children
+            and not leaf.user
+            and 0 < keep < len(leaf.tokens)
+        ):
+            # Its sub-page tail pays bytes in every stored leaf but saves at most a page of
+            # recompute, and only to a request that extends exactly this sequence.
+            _close(snapshots)
+            leaf.set_snapshots(None, self.ledger)
+            for layer in self.layers:
+                layer.restore(None, leaf.start + keep)
+            shorten_bare_leaf(leaf, keep, self.ledger)
+            snapshots = self._live_snapshots(leaf)
+        if self._attach(leaf, snapshots, protected):
+            self.stats.page_outs += 1
+            log.debug("page out [%d, %d)", leaf.start, leaf.end)
+        elif not leaf.children and not leaf.user and leaf.snapshots is None:
+            remove_leaf(leaf, self.ledger)
+
+    def _live_snapshots(self, node: Node) -> list[Snapshot | None]:
         for index, layer in enumerate(self.layers):
             if layer.offset != node.end:
                 raise AssertionError(
                     f"snapshot of [{node.start}, {node.end}) but layer {index} is at {layer.offset}"
                 )
-        node.set_snapshots([layer.snapshot(node.start) for layer in self.layers], self.ledger)
+        return [layer.snapshot(node.start) for layer in self.layers]
+
+    def _attach(self, node: Node, snapshots: list[Snapshot | None], protected: dict[int, Node]) -> bool:
+        """Give ``node`` these snapshots (replacing its own) once the budget has room for
+        them, never evicting ``node`` or a ``protected`` node for it; a snapshot set that can't
+        fit is closed and counted as skipped, and the node keeps what it had."""
+        size = sum(snap.nbytes for snap in snapshots if snap is not None)
+        if not self.evictor.make_room(size - node.snapshot_bytes, {**protected, id(node): node}):
+            _close(snapshots)
+            self.stats.snapshots_skipped += 1
+            log.debug("snapshot skipped start=%d end=%d bytes=%d", node.start, node.end, size)
+            return False
+        node.set_snapshots(snapshots, self.ledger)
+        for observer in self.evictor.observers:
+            observer.paged_out(self, node)
+        return True
+
+    def attach_live_snapshots(self, node: Node, protected: dict[int, Node] | None = None) -> bool:
+        """Replace ``node``'s snapshots with fresh copies of the live layers' ``[start, end)``,
+        making room first (never evicting the active path or ``protected``); False, with the
+        snapshot not taken, when it can't fit the budget."""
+        protected = self._on_path() if protected is None else protected
+        return self._attach(node, self._live_snapshots(node), protected)
 
     def advance(self, frontier: Node, tokens: np.ndarray) -> Node:
         """Extend the active path from ``frontier`` over ``tokens``; returns the new frontier.
@@ -365,9 +434,8 @@ class PrefixCache:
         if self.page_in_moves:
             self.release_live_path()  # the node boundary is what counts; leaving pages out
             return
-        self.attach_live_snapshots(frontier)
-        log.debug("snapshot offset=%d user=%s", offset, user)
-        self.evictor.enforce()
+        if self.attach_live_snapshots(frontier):
+            log.debug("snapshot offset=%d user=%s", offset, user)
 
     def finish(self, session: Session, tokens: np.ndarray) -> None:
         """Close ``session``: grow the trie over ``tokens`` (prompt + outputs) up to the live
@@ -386,30 +454,6 @@ class PrefixCache:
             self.advance(frontier, tokens[frontier.end : offset])
         self.mark_used(self.active_path)
 
-    def _drop_partial_page(self, leaf: Node) -> None:
-        """Over budget, cut a just paged-out leaf back to a page boundary
-        (:class:`~kvtrie.core.policy.WholePagesUnderPressure`).
-
-        With room to spare the tail stays.
-        """
-        if (
-            not self.policy.whole_pages.on
-            or self.budget_bytes is None
-            or self.ledger.total <= self.budget_bytes
-            or leaf.children
-            or leaf.user
-        ):
-            return
-        keep = leaf.end // TRIM_PAGE * TRIM_PAGE - leaf.start
-        if 0 < keep < len(leaf.tokens):
-            # The live layers are still at the leaf's end: page it out again, shorter (cheaper
-            # than splitting the snapshots and closing the tail).
-            leaf.set_snapshots(None, self.ledger)
-            for layer in self.layers:
-                layer.restore(None, leaf.start + keep)
-            shorten_bare_leaf(leaf, keep, self.ledger)
-            self.attach_live_snapshots(leaf)
-
     def mark_used(self, path: list[Node]) -> None:
         """Every node of the path was used now: LRU time is refreshed on all of them."""
         now = self.clock()
@@ -421,6 +465,12 @@ class PrefixCache:
 
     def nodes(self) -> Iterable[Node]:
         return walk(self.root)
+
+
+def _close(snapshots: list[Snapshot | None]) -> None:
+    for snap in snapshots:
+        if snap is not None:
+            snap.close()
 
 
 def _check_budget(budget_bytes: int | None) -> None:

@@ -36,17 +36,26 @@ _UNITS = {
 }
 
 
-def parse_size(text: str) -> int | None:
-    """``8GiB``, ``512MiB``, ``1.5GB``, ``4096`` (bytes) or ``inf`` (None: unbounded)."""
+MAX_SIZE = (1 << 63) - 1  # 8 EiB: byte counts are 64-bit
+
+
+def parse_size(text: str, option: str = "") -> int | None:
+    """``8GiB``, ``512MiB``, ``1.5GB``, ``4096`` (bytes) or ``inf`` (None: unbounded); errors
+    start with ``option`` when given."""
+    where = f"{option}: " if option else ""
     if text.strip().lower() in ("inf", "infinite", "none", "unbounded"):
         return None
     found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not found or found.group(2).lower() not in _UNITS:
+        shown = text if len(text) <= 40 else f"{text[:37]}..."
         raise ValueError(
-            f"bad size {text!r}: use a number with B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB), "
-            "e.g. 8GiB, or inf"
+            f"{where}bad size {shown!r}: use a number >= 0 with B, KiB, MiB, GiB, TiB (or "
+            "KB, MB, GB, TB), e.g. 8GiB, or inf"
         )
-    return int(float(found.group(1)) * _UNITS[found.group(2).lower()])
+    number, unit = found.group(1), _UNITS[found.group(2).lower()]
+    if len(number) > 30 or float(number) * unit > MAX_SIZE:
+        raise ValueError(f"{where}{text[:40]!r} is more than 8 EiB; use inf for unbounded")
+    return int(float(number) * unit)
 
 
 def default_model(backend: str) -> str:

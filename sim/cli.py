@@ -5,11 +5,22 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 from kvtrie import __version__
 
-from .commands import bench, fuzz, gate, gen, replay, sweep
+from .commands import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL,
+    UsageError,
+    bench,
+    fuzz,
+    gate,
+    gen,
+    replay,
+    sweep,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -36,12 +47,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(args: argparse.Namespace) -> int:
+    """The command, with bad input as one line and exit 2, and anything unexpected as exit 3
+    (never 1, which means the tool found a problem)."""
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"kvtrie {args.command}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"kvtrie {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.verbose:
+            traceback.print_exc()
+        where = "" if args.verbose else " (run with -v for the traceback)"
+        print(
+            f"kvtrie {args.command}: internal error, please report{where}: "
+            f"{type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
-    return args.func(args)
+    return _run(args)
 
 
 if __name__ == "__main__":

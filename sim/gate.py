@@ -8,7 +8,9 @@ absolute seconds: CI machines differ and are noisy.
 from __future__ import annotations
 
 import json
+import math
 import re
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
+from kvtrie.backends.profiles import get_profile
 from kvtrie.core.render import format_bytes
 
 from .build import make_backend, make_cache, make_policy, parse_size, trace_path
@@ -45,6 +48,8 @@ CHECK_KEYS = {
 
 
 MIN_TIMED_SECONDS = 0.5  # shorter replays are all noise on a shared CI machine
+GATE_KEYS = {"baseline", "tolerance", "time_tolerance", "time_repeats", "reference"}
+TOP_KEYS = {"gate", "check"}
 
 
 class GateError(ValueError):
@@ -74,6 +79,10 @@ class GateConfig:
     baseline: Path
     tolerance: float = 0.01
     time_tolerance: float = 0.5
+    # A check's time ratio is the median over this many (reference, check) pairs run back to
+    # back: one slow moment on a shared machine moves one pair, not the verdict.
+    time_repeats: int = 3
+    baseline_data: dict[str, Any] = field(default_factory=dict)
     reference: Check = field(default_factory=lambda: Check("reference", trace="agent"))
     checks: list[Check] = field(default_factory=list)
 
@@ -91,7 +100,9 @@ def _line_of(text: str, key: str, table_index: int | None) -> int:
     return start + 1
 
 
-def _check_from(table: dict[str, Any], index: int | None, text: str, where: str) -> Check:
+def _check_from(
+    table: dict[str, Any], index: int | None, text: str, where: str, root: Path
+) -> Check:
     def fail(key: str, message: str) -> GateError:
         return GateError(f"{where}:{_line_of(text, key, index)}: {key}: {message}")
 
@@ -122,6 +133,13 @@ def _check_from(table: dict[str, Any], index: int | None, text: str, where: str)
         raise fail("name", 'a check needs a trace (or fuzz = "quick")')
     if check.fuzz not in (None, "quick"):
         raise fail("fuzz", f'only "quick" is supported, got {check.fuzz!r}')
+    if check.backend not in ("fake", "mlx"):
+        raise fail("backend", f"choose fake or mlx, got {check.backend!r}")
+    if check.min_hit_ratio is not None and not 0 <= check.min_hit_ratio <= 1:
+        raise fail("min_hit_ratio", f"expected a number in [0, 1], got {check.min_hit_ratio!r}")
+    for key in ("limit", "examples"):
+        if key in table and table[key] < 1:
+            raise fail(key, f"expected an integer >= 1, got {table[key]}")
     try:
         parse_size(check.budget)
     except ValueError as exc:
@@ -130,46 +148,107 @@ def _check_from(table: dict[str, Any], index: int | None, text: str, where: str)
         make_policy(check.policy)
     except ValueError as exc:
         raise fail("policy", str(exc)) from None
+    try:
+        _check_model(check.backend, check.model, root)
+    except ValueError as exc:
+        raise fail("model", str(exc)) from None
+    if check.trace and not trace_path(check.trace, root).is_file():
+        raise fail("trace", f"no trace file or bundled trace named {check.trace!r}")
     return check
 
 
-def load_config(path: Path) -> GateConfig:
-    """Read and validate gate.toml; errors name the key and its line."""
+def _check_model(backend: str, model: str, root: Path) -> None:
+    """A model name the backend knows, checked without building it."""
+    if backend == "fake":
+        if model.endswith(".toml") and not Path(model).is_absolute():
+            model = str(root / model)
+        get_profile(model)
+    elif model not in _tiny_mlx_models() and not Path(model).is_dir():
+        raise ValueError(f"unknown MLX model {model!r}: a tiny model name or a model directory")
+
+
+def _tiny_mlx_models() -> list[str]:
+    from kvtrie.backends.mlx.models import TINY_MODELS
+
+    return list(TINY_MODELS)
+
+
+def load_config(path: Path, needs_baseline: bool = True) -> GateConfig:
+    """Read and validate gate.toml and its baseline before any replay runs; errors name the
+    key and its line. Without ``needs_baseline`` (``--update-baseline``, the only way to
+    create one) a missing baseline is allowed."""
+    root = Path(path).parent
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise GateError(f"{path}: {exc.strerror}") from None
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GateError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise GateError(f"{path}: {exc}") from None
+
+    def fail(key: str, message: str) -> GateError:
+        return GateError(f"{path}:{_line_of(text, key, None)}: {key}: {message}")
+
+    for key in sorted(set(data) - TOP_KEYS):
+        raise fail(key, "unknown table or key; gate.toml has [gate] and [[check]] tables")
     gate = data.get("gate", {})
-    config = GateConfig(
-        path=Path(path),
-        baseline=Path(path).parent / gate.get("baseline", "traces/baselines/gate.json"),
-    )
+    if not isinstance(gate, dict):
+        raise fail("gate", "expected a [gate] table")
+    for key in sorted(set(gate) - GATE_KEYS):
+        raise fail(key, f"unknown key in [gate]; known keys are {', '.join(sorted(GATE_KEYS))}")
+    baseline = gate.get("baseline", "traces/baselines/gate.json")
+    if not isinstance(baseline, str):
+        raise fail("baseline", f"expected a path, got {baseline!r}")
+    config = GateConfig(path=Path(path), baseline=root / baseline)
     for key in ("tolerance", "time_tolerance"):
         if key in gate:
             value = gate[key]
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise GateError(
-                    f"{path}:{_line_of(text, key, None)}: {key}: expected a number "
-                    f">= 0, got {value!r}"
-                )
+            if (
+                not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise fail(key, f"expected a finite number >= 0, got {value!r}")
             setattr(config, key, float(value))
+    if "time_repeats" in gate:
+        value = gate["time_repeats"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise fail("time_repeats", f"expected an integer >= 1, got {value!r}")
+        config.time_repeats = value
     if "reference" in gate:
+        if not isinstance(gate["reference"], dict):
+            raise fail("reference", "expected a [gate.reference] table")
         config.reference = _check_from(
-            {"name": "reference", **gate["reference"]}, None, text, str(path)
+            {"name": "reference", **gate["reference"]}, None, text, str(path), root
         )
     checks = data.get("check", [])
-    if not checks:
+    if not isinstance(checks, list) or not checks:
         raise GateError(f"{path}: no [[check]] tables")
-    config.checks = [_check_from(t, i, text, str(path)) for i, t in enumerate(checks)]
+    config.checks = [_check_from(t, i, text, str(path), root) for i, t in enumerate(checks)]
     names = [c.name for c in config.checks]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise GateError(f"{path}: two checks are named {dup!r}")
+    config.baseline_data = _read_baseline(config.baseline, needs_baseline)
     return config
+
+
+def _read_baseline(path: Path, needed: bool) -> dict[str, Any]:
+    if not path.exists():
+        if needed:
+            raise GateError(
+                f"{path}: no baseline; kvtrie gate --update-baseline creates it from this run"
+            )
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise GateError(f"{path}: not a readable baseline ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("checks", {}), dict):
+        raise GateError(f"{path}: a baseline is a JSON object with a 'checks' object")
+    return data
 
 
 def _replay_metrics(check: Check, root: Path) -> dict[str, Any]:
@@ -180,15 +259,16 @@ def _replay_metrics(check: Check, root: Path) -> dict[str, Any]:
     backend = make_backend(check.backend, check.model)
     trace = load_trace(trace_path(check.trace, root), vocab_size=backend.vocab_size)
     cache = make_cache(backend, parse_size(check.budget), make_policy(check.policy))
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: another process's load does not count
     outcome = replay(trace, backend, cache, CheckMode(), check.limit, progress=False)
+    seconds = time.process_time() - started
     stats = cache.stats
     return {
         "hit_ratio": stats.cached_tokens / stats.prompt_tokens if stats.prompt_tokens else 0.0,
         "computed_tokens": stats.computed_tokens,
         "peak_paged_out_bytes": cache.ledger.peak,
         "violations": len(outcome.violations),
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
     }
 
 
@@ -296,12 +376,23 @@ def _compare(
     return rows
 
 
+def _time_ratio(check: Check, first: dict[str, Any], config: GateConfig) -> float:
+    """The check's CPU time over the reference's: the median over ``time_repeats`` pairs, each
+    check run beside a reference run (the first check run is the one just made)."""
+    root = config.path.parent
+    ratios = []
+    for repeat in range(config.time_repeats):
+        seconds = first["seconds"] if repeat == 0 else _replay_metrics(check, root)["seconds"]
+        ratios.append(seconds / _replay_metrics(config.reference, root)["seconds"])
+    return statistics.median(ratios)
+
+
 def run_gate(
     config: GateConfig, quick: bool, update_baseline: bool, progress: Any = None
 ) -> tuple[list[Row], dict[str, Any]]:
     """Run the checks (``quick``: only those marked quick) and compare with the baseline."""
     root = config.path.parent
-    baseline = json.loads(config.baseline.read_text()) if config.baseline.exists() else {}
+    baseline = config.baseline_data
     reference = _replay_metrics(config.reference, root)
     results: dict[str, Any] = {"reference_seconds": reference["seconds"], "checks": {}}
     rows: list[Row] = []
@@ -312,7 +403,7 @@ def run_gate(
             progress(check.name)
         now = _fuzz_metrics(check) if check.fuzz else _replay_metrics(check, root)
         if not check.fuzz and min(now["seconds"], reference["seconds"]) >= MIN_TIMED_SECONDS:
-            now["time_ratio"] = now["seconds"] / reference["seconds"]
+            now["time_ratio"] = _time_ratio(check, now, config)
         results["checks"][check.name] = now
         rows += _compare(check, now, baseline.get("checks", {}).get(check.name), config)
     if update_baseline:
@@ -325,7 +416,7 @@ def run_gate(
                 },
             }
         }
-        from .traces import write_atomic
+        from .outputs import write_atomic
 
         write_atomic(config.baseline, json.dumps(merged, indent=2, sort_keys=True) + "\n")
     return rows, results

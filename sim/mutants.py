@@ -20,7 +20,7 @@ from kvtrie.backends.fake import (
     Segment,
 )
 from kvtrie.core import evict
-from kvtrie.core.evict import EvictionIndex, OldestDeepestLargest
+from kvtrie.core.evict import EvictionIndex, Evictor, OldestDeepestLargest
 from kvtrie.core.policy import PartialEdges
 from kvtrie.core.prefix_cache import PrefixCache
 
@@ -112,6 +112,10 @@ def _remove_leaf_patch():
     return [(evict, "remove_leaf", remove)]
 
 
+def _page_out_then_evict(self: Evictor, nbytes: int, protected: dict) -> bool:
+    return True  # no room made first: the evictions after the page-out catch up
+
+
 MUTANTS: dict[str, Mutant] = {
     m.name: m
     for m in [
@@ -201,6 +205,11 @@ MUTANTS: dict[str, Mutant] = {
             "rotating-restore-beyond-window",
             "a sliding-window layer restored to a point its window no longer covers",
             lambda: [(FakeRotatingCache, "can_restore", _window_clamps_anywhere)],
+        ),
+        Mutant(
+            "page-out-before-evicting",
+            "a snapshot paged out before room is made for it: over budget until evictions",
+            lambda: [(Evictor, "make_room", _page_out_then_evict)],
         ),
         Mutant(
             "snapshot-shares-live-buffer",

@@ -57,6 +57,7 @@ def build_report(
         "splits": stats.splits,
         "merges": stats.merges,
         "restore_failures": stats.restore_failures,
+        "snapshots_skipped": stats.snapshots_skipped,
         "wall_seconds": outcome.wall_seconds,
         "tokens_per_second": _ratio(
             stats.prompt_tokens + outcome.output_tokens, outcome.wall_seconds
@@ -81,7 +82,8 @@ def text_summary(report: dict[str, Any]) -> str:
         f"hit ratio {report['hit_ratio']:.4f} (ideal {report['ideal_hit_ratio']:.4f})",
         f"memory    peak paged out {format_bytes(report['peak_paged_out_bytes'])}; "
         f"evictions={report['evictions']} page_ins={report['page_ins']} "
-        f"page_outs={report['page_outs']} splits={report['splits']} merges={report['merges']}",
+        f"page_outs={report['page_outs']} splits={report['splits']} merges={report['merges']} "
+        f"snapshots_skipped={report['snapshots_skipped']}",
         f"time      {report['wall_seconds']:.2f} s, {report['tokens_per_second']:,.0f} tokens/s",
     ]
     if report["over_budget_active_only_requests"]:

@@ -7,6 +7,7 @@ import io
 import json
 import multiprocessing
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,9 @@ from kvtrie.backends.fake import FakeBackend
 from kvtrie.backends.profiles import ModelProfile
 from kvtrie.core.render import format_bytes
 
+from .outputs import write_atomic
 from .peers import KVTRIE_PEERS, PeerUnavailable, Workload, costs_of, make_peer
-from .traces import Trace, resolve_prompt, write_atomic
+from .traces import Trace, resolve_prompt
 
 __all__ = ["ALL_POLICIES", "SweepRow", "materialize", "run_sweep", "write_sweep"]
 
@@ -221,7 +223,7 @@ def _plots(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(out / "hit_ratio.png", dpi=110)
+    _save(fig, out / "hit_ratio.png")
     plt.close(fig)
     written.append("hit_ratio.png")
 
@@ -241,7 +243,7 @@ def _plots(
     ax.set_title(f"Tokens each policy computes: {title}")
     ax.legend(title="budget", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
-    fig.savefig(out / "computed_tokens.png", dpi=110)
+    _save(fig, out / "computed_tokens.png")
     plt.close(fig)
     written.append("computed_tokens.png")
 
@@ -258,10 +260,35 @@ def _plots(
         ax.legend(title="budget", fontsize=8)
         ax.grid(True, alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / "paged_out.png", dpi=110)
+        _save(fig, out / "paged_out.png")
         plt.close(fig)
         written.append("paged_out.png")
     return written
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Save a figure so the PNG is replaced whole or not at all."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(buffer.getvalue())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+SWEEP_FILES = (
+    "sweep.json",
+    "sweep.csv",
+    "sweep.md",
+    "hit_ratio.png",
+    "computed_tokens.png",
+    "paged_out.png",
+)
 
 
 def write_sweep(
@@ -271,8 +298,9 @@ def write_sweep(
     budgets: list[int | None],
     timelines: dict,
 ) -> list[str]:
-    """sweep.json, sweep.csv, sweep.md and the PNG plots, each written whole."""
-    out.mkdir(parents=True, exist_ok=True)
+    """sweep.json, sweep.csv, sweep.md and the PNG plots, each written whole; an earlier
+    sweep's files that this one does not write are removed, so none is left stale."""
+    out.mkdir(exist_ok=True)
     records = [r.__dict__ for r in rows]
     write_atomic(out / "sweep.json", json.dumps({**meta, "rows": records}, indent=2) + "\n")
     buffer = io.StringIO()
@@ -282,9 +310,12 @@ def write_sweep(
     write_atomic(out / "sweep.csv", buffer.getvalue())
     markdown = _markdown(rows, budgets)
     write_atomic(out / "sweep.md", f"# kvtrie sweep: {meta['trace']}\n\n" + markdown)
-    return [
+    written = [
         "sweep.json",
         "sweep.csv",
         "sweep.md",
         *_plots(out, rows, budgets, timelines, Path(meta["trace"]).name),
     ]
+    for stale in set(SWEEP_FILES) - set(written):
+        (out / stale).unlink(missing_ok=True)
+    return written

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,8 @@ import numpy as np
 
 from kvtrie.core.hashing import mix64
 from kvtrie.core.trie import as_tokens
+
+from .outputs import write_output
 
 __all__ = [
     "Event",
@@ -35,13 +35,26 @@ __all__ = [
     "load_trace",
     "read_header",
     "resolve_prompt",
-    "write_atomic",
+    "trace_from_lines",
     "write_trace",
 ]
 
 FORMAT_NAME = "kvtrie-trace"
 FORMAT_VERSION = 1
 MOONCAKE_BLOCK = 512
+# Longer than any model's context today (10 M tokens); a length past it is a broken trace, and
+# would take the replayer hours to expand or generate.
+MAX_REQUEST_TOKENS = 1 << 24
+MAX_HASH_ID = (1 << 63) // MOONCAKE_BLOCK  # ids expand to positions id * 512 + k in 64 bits
+# Header keys the replayer reads, and what each must be (others are kept and ignored).
+HEADER_TYPES: dict[str, tuple[type, ...]] = {
+    "backend": (str,),
+    "profile": (str,),
+    "policy": (str,),
+    "budget_bytes": (int, type(None)),
+    "mutant": (str, type(None)),
+    "vocab_size": (int,),
+}
 
 
 class TraceError(ValueError):
@@ -125,38 +138,76 @@ def _fail(path: Path, line: int | None, message: str) -> TraceError:
     return TraceError(path, line, message)
 
 
-def _int(value: Any, name: str, path: Path, line: int, minimum: int = 0) -> int:
+def _int(
+    value: Any,
+    name: str,
+    path: Path,
+    line: int,
+    minimum: int = 0,
+    maximum: int = MAX_REQUEST_TOKENS,
+) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(path, line, f"{name} must be an integer, got {value!r}")
+        raise _fail(path, line, f"{name} must be an integer, got {_short(value)}")
     if value < minimum:
         raise _fail(path, line, f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise _fail(path, line, f"{name} must be <= {maximum:,}, got {_short(value)}")
     return value
+
+
+def _short(value: Any) -> str:
+    """A value for an error message, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def _token_list(value: Any, name: str, path: Path, line: int, vocab: int | None) -> np.ndarray:
     if not isinstance(value, list):
         raise _fail(path, line, f"{name} must be a list of token ids, got {type(value).__name__}")
+    if len(value) > MAX_REQUEST_TOKENS:
+        raise _fail(path, line, f"{name} has {len(value):,} tokens, over {MAX_REQUEST_TOKENS:,}")
     for i, token in enumerate(value):
         if isinstance(token, bool) or not isinstance(token, int):
-            raise _fail(path, line, f"{name}[{i}] is not a token id: {token!r}")
+            raise _fail(path, line, f"{name}[{i}] is not a token id: {_short(token)}")
         if token < 0 or (vocab is not None and token >= vocab):
-            limit = f"[0, {vocab})" if vocab is not None else ">= 0"
-            raise _fail(path, line, f"{name}[{i}] = {token} is outside the vocabulary {limit}")
+            if vocab is None:
+                raise _fail(path, line, f"{name}[{i}] = {token} is not a token id (>= 0)")
+            raise _fail(
+                path,
+                line,
+                f"{name}[{i}] = {token} is outside the model's vocabulary [0, {vocab}); "
+                f"kvtrie gen KIND --vocab-size {vocab} writes a trace for this model",
+            )
     return as_tokens(value)
 
 
+def _parse_line(path: Path, number: int, raw: bytes) -> dict[str, Any] | None:
+    """One JSONL line as an object (None when blank), or a TraceError naming the line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _fail(
+            path, number, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+        ) from None
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _fail(path, number, f"not JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise _fail(path, number, "JSON nested too deeply to be a trace line") from None
+    if not isinstance(obj, dict):
+        raise _fail(path, number, f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def _read_lines(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise _fail(path, number, f"not JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise _fail(path, number, f"expected a JSON object, got {type(obj).__name__}")
-            yield number, obj
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            obj = _parse_line(path, number, raw)
+            if obj is not None:
+                yield number, obj
 
 
 def _parse_kvtrie(path: Path, lines: list[tuple[int, dict]], vocab: int | None) -> Trace:
@@ -260,7 +311,7 @@ def _parse_event(path: Path, number: int, obj: dict[str, Any]) -> Event:
             raise _fail(path, number, "missing field 'budget_bytes' (null for unbounded)")
         budget = obj["budget_bytes"]
         if budget is not None:
-            budget = _int(budget, "budget_bytes", path, number)
+            budget = _int(budget, "budget_bytes", path, number, maximum=(1 << 63) - 1)
         return Event(kind, number, budget_bytes=budget)
     if kind == "fail_restores":
         return Event(kind, number, count=_int(obj.get("count"), "count", path, number, 1))
@@ -288,8 +339,12 @@ def _parse_mooncake(path: Path, lines: list[tuple[int, dict]]) -> Trace:
         if not isinstance(ids, list) or not ids:
             raise _fail(path, number, f"hash_ids must be a non-empty list, got {ids!r}")
         for i, hid in enumerate(ids):
-            if isinstance(hid, bool) or not isinstance(hid, int) or hid < 0:
-                raise _fail(path, number, f"hash_ids[{i}] must be an integer >= 0, got {hid!r}")
+            if isinstance(hid, bool) or not isinstance(hid, int) or not 0 <= hid < MAX_HASH_ID:
+                raise _fail(
+                    path,
+                    number,
+                    f"hash_ids[{i}] must be an integer in [0, 2**54), got {_short(hid)}",
+                )
         blocks = -(-length // MOONCAKE_BLOCK)
         if len(ids) != blocks:
             raise _fail(
@@ -313,20 +368,41 @@ def _parse_mooncake(path: Path, lines: list[tuple[int, dict]]) -> Trace:
 
 
 def read_header(path: Path | str) -> dict[str, Any]:
-    """The header of a kvtrie trace (empty for Mooncake or an unreadable first line)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            first = json.loads(handle.readline() or "{}")
-    except (OSError, json.JSONDecodeError):
+    """The header of a kvtrie trace, its keys the replayer reads checked (empty for a
+    Mooncake trace); a TraceError for an unreadable file or a header value of the wrong
+    type."""
+    path = Path(path)
+    _check_file(path)
+    with open(path, "rb") as handle:
+        first = _parse_line(path, 1, handle.readline()) or {}
+    if first.get("format") != FORMAT_NAME:
         return {}
-    return first if isinstance(first, dict) and first.get("format") == FORMAT_NAME else {}
+    for key, types in HEADER_TYPES.items():
+        value = first.get(key)
+        if key in first and (isinstance(value, bool) or not isinstance(value, types)):
+            kinds = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise _fail(path, 1, f"header {key}: expected {kinds}, got {_short(value)}")
+    return first
+
+
+def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise _fail(path, None, "is a directory, not a trace file")
+    if not path.is_file():
+        raise _fail(path, None, "no such trace file")
+
+
+def trace_from_lines(name: str, header: dict[str, Any], requests: list[dict[str, Any]]) -> Trace:
+    """A kvtrie trace held in memory (a generator's output), validated as a file would be."""
+    head = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **header}
+    lines = list(enumerate([head, *requests], start=1))
+    return _parse_kvtrie(Path(name), lines, None)
 
 
 def load_trace(path: Path | str, vocab_size: int | None = None) -> Trace:
     """Read and validate a trace; the format is detected from its first line."""
     path = Path(path)
-    if not path.is_file():
-        raise _fail(path, None, "no such trace file")
+    _check_file(path)
     lines = list(_read_lines(path))
     if not lines:
         raise _fail(path, None, "the trace is empty")
@@ -346,30 +422,13 @@ def load_trace(path: Path | str, vocab_size: int | None = None) -> Trace:
     return trace
 
 
-def write_atomic(path: Path | str, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old file or the whole new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_trace(
     path: Path | str, header: dict[str, Any], requests: Iterable[dict[str, Any]]
 ) -> None:
-    """Write a kvtrie JSONL trace atomically."""
+    """Write a kvtrie JSONL trace (by :func:`~kvtrie.sim.outputs.write_output`'s rules)."""
     head = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **header}
     lines = [json.dumps(head)] + [json.dumps(r, separators=(",", ":")) for r in requests]
-    write_atomic(path, "\n".join(lines) + "\n")
+    write_output(path, "\n".join(lines) + "\n")
 
 
 def expand_blocks(hash_ids: tuple[int, ...], length: int, vocab_size: int) -> np.ndarray:

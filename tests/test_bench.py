@@ -18,8 +18,10 @@ def test_bench_replay_quick_writes_its_figures(tmp_path):
 
 def test_bench_mlx_quick_writes_the_four_figures(tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["bench", "mlx", "--quick", "--report", str(out)]) == 0
+    code = main(["bench", "mlx", "--quick", "--report", str(out)])
     results = json.loads(out.read_text())
+    # timing targets are the benchmark's verdict, not this test's: only its exit code follows it
+    assert code == (0 if all(results["targets_met"].values()) else 1)
     for key in ("warm_cold_ratio", "pagein_vs_recompute", "overhead_zero_hit"):
         assert results[key] > 0
     rows = results["computed_tokens"]

@@ -200,6 +200,28 @@ def test_budget_zero_keeps_only_the_active_path(rig):
     assert all(id(n) in active for n in r.cache.nodes() if n.has_snapshots())
 
 
+def test_eviction_makes_room_before_the_page_out(rig):
+    r = rig("kv", budget=100)  # 16 B per token
+    r.run([1, 2, 3, 4])  # 64 B when paged out
+    r.run([5, 6, 7, 8, 9, 10])  # pages out [1..4]
+    assert r.cache.paged_out_bytes == 64
+    r.run([11, 12])  # [5..10] needs 96 B: [1..4] goes first, so 100 B is never passed
+    assert r.cache.ledger.peak == 96 and sorted(r.cache.root.children) == [5, 11]
+
+
+@pytest.mark.parametrize("policy", ["kvtrie-seed", "kvtrie-improved"])
+def test_a_snapshot_larger_than_the_budget_is_not_taken(rig, policy):
+    r = rig("kv", budget=40, policy=policy)  # 2.5 tokens of 16 B
+    r.run([1, 2])  # 32 B: fits
+    r.run([3, 4, 5, 6])  # pages out [1, 2]
+    r.run([7])  # [3..6] would be 64 B > 40 B even with everything else evicted
+    assert r.cache.stats.snapshots_skipped >= 1
+    assert r.cache.ledger.peak <= 40
+    assert 3 not in r.cache.root.children  # a leaf that could not be paged out leaves the trie
+    assert 1 in r.cache.root.children  # and nothing was evicted for a snapshot that can't fit
+    assert r.run([3, 4, 5, 6, 8]).cached_tokens == 0  # recomputed, never served wrong
+
+
 def test_empty_prompt_is_rejected(rig):
     r = rig("kv")
     with pytest.raises(ValueError, match="at least one token"):

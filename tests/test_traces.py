@@ -82,7 +82,7 @@ BAD_KVTRIE = [
     ('{"id": "a", "prompt": [1,', 2, "not JSON"),
     ({"id": "a"}, 2, "missing field 'prompt'"),
     ({"id": "a", "prompt": [1], "output_length": -3}, 2, "output_length must be >= 0, got -3"),
-    ({"id": "a", "prompt": [1, 5000]}, 2, "prompt[1] = 5000 is outside the vocabulary"),
+    ({"id": "a", "prompt": [1, 5000]}, 2, "prompt[1] = 5000 is outside the model's vocabulary"),
     ({"id": "a", "prompt": [1, "x"]}, 2, "prompt[1] is not a token id"),
     ({"id": "a", "prompt": []}, 2, "the prompt is empty"),
     (
@@ -130,7 +130,7 @@ MOONCAKE_OK = {"timestamp": 0, "input_length": 600, "output_length": 5, "hash_id
         ({"hash_ids": [1]}, "1 hash ids for input_length 600: expected 2 blocks"),
         ({"input_length": -1}, "input_length must be >= 1, got -1"),
         ({"output_length": -2}, "output_length must be >= 0, got -2"),
-        ({"hash_ids": [1, -4]}, "hash_ids[1] must be an integer >= 0, got -4"),
+        ({"hash_ids": [1, -4]}, "hash_ids[1] must be an integer in [0, 2**54), got -4"),
         ({"timestamp": "soon"}, "timestamp must be a number"),
     ],
 )
@@ -161,7 +161,7 @@ def test_cli_bad_input_exits_2_and_writes_no_report(tmp_path, capsys):
     report = tmp_path / "report.json"
     assert main(["replay", str(path), "--model", "llama-8b", "--report", str(report)]) == 2
     err = capsys.readouterr().err
-    assert f"{path}:2: prompt[1] = 999999 is outside the vocabulary [0, 128256)" in err
+    assert f"{path}:2: prompt[1] = 999999 is outside the model's vocabulary [0, 128256)" in err
     assert not report.exists()
 
 

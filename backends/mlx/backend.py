@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,21 @@ class MLXBackend:
                 f"unknown MLX model {name!r}: use {', '.join(TINY_MODELS)} or a local model "
                 "directory (weights are never downloaded)"
             )
+        config = path / "config.json"
+        if not config.is_file():
+            raise ValueError(f"{config}: missing; an MLX model directory holds config.json")
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{config}: not valid JSON ({exc})") from None
         from mlx_lm import load
 
-        model, tokenizer = load(str(path))
+        try:
+            model, tokenizer = load(str(path))
+        except Exception as exc:  # mlx-lm's own errors name no file; this names the directory
+            raise ValueError(
+                f"{path}: mlx-lm could not load it: {type(exc).__name__}: {exc}"
+            ) from exc
         return cls(model, str(path), int(getattr(tokenizer, "vocab_size", 0)) or vocab_of(model))
 
     def new_layers(self) -> list[MLXLayer]:

@@ -7,12 +7,13 @@ from pathlib import Path
 
 from kvtrie.core.render import format_bytes
 
-from . import EXIT_OK, EXIT_VIOLATION
+from . import EXIT_OK, EXIT_VIOLATION, UsageError, common_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
         "bench",
+        parents=[common_options()],
         help="measure speed and memory, written as JSON",
         description="replay: the whole Mooncake conversation trace on the fake backend at an "
         "infinite budget with every check on; reports wall time, peak RSS and tokens/s. "
@@ -56,9 +57,14 @@ def _print_mlx_bench(results: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..bench import bench_eviction, bench_mlx, bench_replay
+    from ..outputs import check_output, write_output
     from ..report import report_json
-    from ..traces import write_atomic
 
+    if args.report is not None:
+        try:
+            check_output("--report", args.report)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     clean = True
     if args.suite == "replay":
         results = bench_replay(quick=args.quick)
@@ -84,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         results = bench_mlx(quick=args.quick)
         _print_mlx_bench(results)
+        clean = all(results["targets_met"].values())
     if args.report:
-        write_atomic(args.report, report_json(results))
+        write_output(args.report, report_json(results))
     return EXIT_OK if clean else EXIT_VIOLATION

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-from . import EXIT_BAD_INPUT, EXIT_OK, EXIT_VIOLATION, MUTATION_KILL_TARGET
+from . import EXIT_OK, EXIT_VIOLATION, MUTATION_KILL_TARGET, UsageError, common_options, positive
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     fuzz = sub.add_parser(
         "fuzz",
+        parents=[common_options()],
         help="stateful fuzzing of the cache against an oracle; mutation check",
         description="Drive the cache with Hypothesis through conversations that share and "
         "branch prefixes, budget changes down to zero, injected restore failures and corrupt "
@@ -74,21 +74,31 @@ def _fuzz_summary(result) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..build import make_backend
     from ..fuzz import PROFILES, FuzzConfig, run_fuzz
     from ..mutants import MUTANTS
+    from ..outputs import check_output, check_output_dir, write_output
     from ..report import report_json
-    from ..traces import write_atomic
 
     fake_examples, mlx_examples, steps = PROFILES[args.profile]
     names = list(MUTANTS) if args.mutants == "all" else [args.mutant]
-    if args.mutant is not None and args.mutant not in MUTANTS:
-        print(
-            f"kvtrie fuzz: unknown mutant {args.mutant!r}; choose one of {', '.join(MUTANTS)}",
-            file=sys.stderr,
-        )
-        return EXIT_BAD_INPUT
     mutation = names != [None]
     out = args.out or Path("fuzz-mutants" if mutation else "tests/regressions")
+    try:
+        if args.mutant is not None and args.mutant not in MUTANTS:
+            raise UsageError(f"unknown mutant {args.mutant!r}; choose one of {', '.join(MUTANTS)}")
+        positive("--examples", args.examples)
+        positive("--steps", args.steps)
+        if not args.time_limit > 0:
+            raise UsageError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
+        if args.model is not None:
+            make_backend(args.backend, args.model)  # a bad name fails here, before any work
+        check_output_dir("--out", out)
+        if args.report is not None:
+            check_output("--report", args.report)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    out.mkdir(parents=True, exist_ok=True)
     base = FuzzConfig(
         backend=args.backend,
         model=args.model,
@@ -156,5 +166,5 @@ def run(args: argparse.Namespace) -> int:
         )
         code = EXIT_OK if kill_rate >= MUTATION_KILL_TARGET else EXIT_VIOLATION
     if args.report:
-        write_atomic(args.report, report_json(report))
+        write_output(args.report, report_json(report))
     return code

@@ -6,12 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import EXIT_BAD_INPUT, EXIT_OK, EXIT_VIOLATION
+from . import EXIT_OK, EXIT_VIOLATION, UsageError, common_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     gate = sub.add_parser(
         "gate",
+        parents=[common_options()],
         help="fail when a change lowers the hit ratio or breaks an invariant",
         description="Run the checks of gate.toml (replays and a quick fuzz run), compare each "
         "metric with the committed baseline and fail on a regression beyond the tolerance: a "
@@ -53,17 +54,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from ..gate import GateError, junit, load_config, markdown, run_gate, table
+    from ..gate import junit, load_config, markdown, run_gate, table
     from ..mutants import MUTANTS, mutated
-    from ..traces import write_atomic
+    from ..outputs import check_output, write_output
 
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, needs_baseline=not args.update_baseline)
         if args.mutant is not None and args.mutant not in MUTANTS:
-            raise GateError(f"unknown mutant {args.mutant!r}; choose one of {', '.join(MUTANTS)}")
-    except GateError as exc:
-        print(f"kvtrie gate: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+            raise UsageError(f"unknown mutant {args.mutant!r}; choose one of {', '.join(MUTANTS)}")
+        if args.time_tolerance is not None and not args.time_tolerance >= 0:
+            raise UsageError(f"--time-tolerance must be a number >= 0, got {args.time_tolerance}")
+        for option, out in (("--markdown", args.markdown), ("--junit", args.junit)):
+            if out is not None:
+                check_output(option, out, [args.config, config.baseline])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if args.time_tolerance is not None:
         config.time_tolerance = args.time_tolerance
     say = None if args.quiet else (lambda name: print(f"gate: {name} ...", file=sys.stderr))
@@ -77,11 +82,11 @@ def run(args: argparse.Namespace) -> int:
     )
     summary = markdown(rows)
     if args.markdown:
-        write_atomic(args.markdown, summary)
+        write_output(args.markdown, summary)
     if os.environ.get("GITHUB_STEP_SUMMARY"):
         with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as handle:
             handle.write(summary)
     if args.junit:
         seconds = {name: m.get("seconds", 0.0) for name, m in results["checks"].items()}
-        write_atomic(args.junit, junit(rows, seconds))
+        write_output(args.junit, junit(rows, seconds))
     return EXIT_OK if passed or args.update_baseline else EXIT_VIOLATION

@@ -7,19 +7,22 @@ import sys
 from pathlib import Path
 
 from ..generators import GENERATORS
-from . import EXIT_BAD_INPUT, EXIT_OK
+from . import EXIT_OK, UsageError, common_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser(
         "gen",
+        parents=[common_options()],
         help="write a generated workload trace",
         description="Write a deterministic kvtrie trace of a common prefix-sharing workload and "
         "print its ideal (infinite-cache) reuse. Sizes are the generator's keyword arguments.",
     )
     gen.add_argument("kind", choices=sorted(GENERATORS))
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    gen.add_argument("--out", type=Path, required=True, help="the trace file to write")
+    gen.add_argument(
+        "--out", type=Path, required=True, help="the trace file to write ('-': standard output)"
+    )
     gen.add_argument("--vocab-size", type=int, default=32000, help="token ids are below this")
     gen.add_argument(
         "--set",
@@ -32,26 +35,46 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     gen.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..generators import generate
-    from ..ideal import ideal_reuse
-    from ..traces import load_trace, write_trace
+MAX_SIZE = 1_000_000  # a larger generated trace is a typo, and would take hours to write
 
-    sizes: dict[str, int] = {}
+
+def run(args: argparse.Namespace) -> int:
+    import inspect
+
+    from ..generators import GENERATORS, generate
+    from ..ideal import ideal_reuse
+    from ..outputs import check_output
+    from ..traces import trace_from_lines, write_trace
+
     try:
+        check_output("--out", args.out)
+        if args.vocab_size < 2:
+            raise UsageError(f"--vocab-size must be >= 2, got {args.vocab_size}")
+        known = [
+            name
+            for name, param in inspect.signature(GENERATORS[args.kind]).parameters.items()
+            if param.annotation in (int, "int")
+        ]
+        sizes: dict[str, int] = {}
         for item in args.set:
             name, sep, value = item.partition("=")
+            name = name.strip().replace("-", "_")
             if not sep or not value.strip().lstrip("-").isdigit():
-                raise ValueError(f"--set takes NAME=INTEGER, got {item!r}")
-            sizes[name.strip().replace("-", "_")] = int(value)
+                raise UsageError(f"--set takes NAME=INTEGER, got {item!r}")
+            if name not in known:
+                raise UsageError(f"--set {name}: {args.kind} has no such size; sizes: {', '.join(known)}")
+            if not 1 <= int(value) <= MAX_SIZE:
+                raise UsageError(f"--set {name}={value}: must be in [1, {MAX_SIZE:,}]")
+            sizes[name] = int(value)
         header, lines = generate(args.kind, args.seed, args.vocab_size, **sizes)
     except ValueError as exc:
-        print(f"kvtrie gen: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise UsageError(str(exc)) from None
+    trace = trace_from_lines(str(args.out), header, lines)
+    cached, prompt = ideal_reuse(trace, args.vocab_size)
     write_trace(args.out, header, lines)
-    cached, prompt = ideal_reuse(load_trace(args.out), args.vocab_size)
     print(
         f"wrote {args.out}: {len(lines)} requests, {prompt:,} prompt tokens, "
-        f"ideal reuse {cached / prompt:.1%} ({cached:,} tokens)"
+        f"ideal reuse {cached / prompt:.1%} ({cached:,} tokens)",
+        file=sys.stderr if str(args.out) == "-" else sys.stdout,
     )
     return EXIT_OK

@@ -10,12 +10,13 @@ from kvtrie.core.policy import STRATEGIES
 from kvtrie.core.prefix_cache import DEFAULT_BUDGET_BYTES, POLICIES
 
 from ..build import default_model, make_backend, make_cache, make_policy, parse_size, trace_path
-from . import EXIT_BAD_INPUT, EXIT_OK, EXIT_VIOLATION
+from . import EXIT_OK, EXIT_VIOLATION, UsageError, common_options, positive
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     replay = sub.add_parser(
         "replay",
+        parents=[common_options()],
         help="replay a trace through the cache and report what was cached",
         description="Replay a recorded multi-conversation trace (kvtrie JSONL or Mooncake) "
         "through the cache, serially in arrival order, checking every invariant after every "
@@ -91,47 +92,47 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _settings(args: argparse.Namespace, path: Path, header: dict) -> tuple:
+    """Backend, model, budget and policy: options first, then the trace's header, then the
+    defaults."""
+    backend_name = args.backend or header.get("backend", "fake")
+    if backend_name not in ("fake", "mlx"):
+        raise UsageError(f"{path}:1: header backend: choose fake or mlx, got {backend_name!r}")
+    model = args.model or header.get("profile") or default_model(backend_name)
+    if args.budget is not None:
+        budget = parse_size(args.budget, "--budget")
+    else:
+        budget = header.get("budget_bytes", DEFAULT_BUDGET_BYTES)
+        if budget is not None and budget < 0:
+            raise UsageError(f"{path}:1: header budget_bytes: must be >= 0 or null, got {budget}")
+    policy = make_policy(args.policy or header.get("policy", "kvtrie-seed"), args.snapshot_interval)
+    return backend_name, model, budget, policy
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..mutants import MUTANTS, mutated
+    from ..outputs import check_output, write_output
     from ..replay import replay
     from ..report import build_report, markdown_summary, report_json, text_summary
     from ..runner import CheckMode
-    from ..traces import TraceError, load_trace, read_header, write_atomic
+    from ..traces import load_trace, read_header
 
-    path = trace_path(args.trace)
-    header = read_header(path)  # a trace may carry its own backend, model, budget and policy
-    backend_name = args.backend or header.get("backend", "fake")
-    model = args.model or header.get("profile") or default_model(backend_name)
     try:
-        if args.budget is not None:
-            budget = parse_size(args.budget)
-        else:
-            budget = header.get("budget_bytes", DEFAULT_BUDGET_BYTES)
-            if budget is not None and (
-                isinstance(budget, bool) or not isinstance(budget, int) or budget < 0
-            ):
-                raise ValueError(
-                    f"{path}:1: budget_bytes must be an integer >= 0 or null, got {budget!r}"
-                )
-        policy = make_policy(
-            args.policy or header.get("policy", "kvtrie-seed"), args.snapshot_interval
-        )
+        path = trace_path(args.trace)
+        header = read_header(path)  # a trace may carry its own backend, model, budget, policy
+        backend_name, model, budget, policy = _settings(args, path, header)
         mode = CheckMode.parse(args.check)
-        if args.limit is not None and args.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        positive("--limit", args.limit)
+        for option, out in (("--report", args.report), ("--markdown", args.markdown)):
+            if out is not None:
+                check_output(option, out, [path])
+        mutant = None if args.mutant == "none" else args.mutant or header.get("mutant")
+        if mutant is not None and mutant not in MUTANTS:
+            raise UsageError(f"unknown mutant {mutant!r}; choose one of {', '.join(MUTANTS)}")
         backend = make_backend(backend_name, model)
         trace = load_trace(path, vocab_size=backend.vocab_size)
-    except (ValueError, TraceError, OSError) as exc:
-        print(f"kvtrie replay: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    from ..mutants import MUTANTS, mutated
-
-    mutant = None if args.mutant == "none" else args.mutant or header.get("mutant")
-    if mutant is not None and mutant not in MUTANTS:
-        print(
-            f"kvtrie replay: unknown mutant {mutant!r}; choose one of {', '.join(MUTANTS)}",
-            file=sys.stderr,
-        )
-        return EXIT_BAD_INPUT
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     with mutated(mutant):  # built under the mutant: some patch choices made at construction
         cache = make_cache(backend, budget, policy)
         progress = False if args.quiet else None
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     if outcome.violations:
         print(f"\ntrie at the violation:\n{outcome.trie_dump}", file=sys.stderr)
     if args.report:
-        write_atomic(args.report, report_json(report))
+        write_output(args.report, report_json(report))
     if args.markdown:
-        write_atomic(args.markdown, markdown_summary(report))
+        write_output(args.markdown, markdown_summary(report))
     return EXIT_VIOLATION if outcome.violations else EXIT_OK

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 from ..build import parse_size, trace_path
-from . import EXIT_BAD_INPUT, EXIT_OK
+from . import EXIT_OK, UsageError, common_options, positive
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     sweep = sub.add_parser(
         "sweep",
+        parents=[common_options()],
         help="every policy at every budget over one trace, with plots",
         description="Replay one trace through kvtrie's policies and simulated peers (no cache, "
         "the single-entry cache, mlx-lm's prompt cache simulated and real, SGLang's radix "
@@ -41,22 +41,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvtrie.backends.profiles import get_profile
 
-    from ..sweep import ALL_POLICIES, materialize, run_sweep, write_sweep
-    from ..traces import TraceError, load_trace
+    from ..outputs import check_output_dir
+    from ..sweep import ALL_POLICIES, SWEEP_FILES, materialize, run_sweep, write_sweep
+    from ..traces import load_trace
 
     try:
-        budgets = [parse_size(b) for b in args.budgets.split(",") if b.strip()]
+        budgets = [parse_size(b, "--budgets") for b in args.budgets.split(",") if b.strip()]
+        if not budgets:
+            raise UsageError("--budgets: give at least one budget, e.g. 1GiB,8GiB,inf")
         policies = list(ALL_POLICIES) if args.policies == "all" else args.policies.split(",")
         unknown = [p for p in policies if p not in ALL_POLICIES]
         if unknown:
-            raise ValueError(f"unknown policies {unknown}; choose from {', '.join(ALL_POLICIES)}")
+            raise UsageError(
+                f"--policies: unknown {', '.join(unknown)}; choose from {', '.join(ALL_POLICIES)}"
+            )
+        positive("--limit", args.limit)
+        positive("--processes", args.processes)
+        path = trace_path(args.trace)
+        check_output_dir("--out", args.out, SWEEP_FILES, [path])
         profile = get_profile(args.model)
-        trace = load_trace(trace_path(args.trace), vocab_size=profile.vocab_size)
+        trace = load_trace(path, vocab_size=profile.vocab_size)
         if args.limit is not None:
             trace.requests = trace.requests[: args.limit]
-    except (ValueError, TraceError, OSError) as exc:
-        print(f"kvtrie sweep: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     started = time.perf_counter()
     workload = materialize(trace, profile)
     marks = [request.user_snapshots for request in trace.requests]
