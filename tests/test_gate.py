@@ -21,6 +21,7 @@ def small_gate(tmp_path: Path, budget: str = "4GiB", extra: str = "") -> Path:
     config.write_text(f"""
 [gate]
 baseline = "{BASELINE}"
+time_tolerance = 1000  # timing is the full gate's verdict, not these tests'
 [gate.reference]
 trace = "system-prompt"
 [[check]]
@@ -109,9 +110,11 @@ def test_update_baseline_rewrites_it(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ('colour = "blue"', r"gate.toml:12: colour: unknown key"),
-        ('limit = "ten"', r"gate.toml:12: limit: expected int, got 'ten'"),
-        ("fuzz = 3", r"gate.toml:12: fuzz: expected a string"),
+        ('colour = "blue"', r"gate.toml:13: colour: unknown key"),
+        ('limit = "ten"', r"gate.toml:13: limit: expected int, got 'ten'"),
+        ("fuzz = 3", r"gate.toml:13: fuzz: expected a string"),
+        ('backend = "cuda"', r"gate.toml:13: backend: choose fake or mlx"),
+        ("min_hit_ratio = 1.5", r"gate.toml:13: min_hit_ratio: expected a number in [0, 1]"),
     ],
 )
 def test_bad_configuration_names_key_and_line(tmp_path, capsys, extra, message):
@@ -121,7 +124,7 @@ def test_bad_configuration_names_key_and_line(tmp_path, capsys, extra, message):
 
 def test_bad_budget_and_toml_syntax(tmp_path, capsys):
     assert main(["gate", "--config", str(small_gate(tmp_path, budget="lots"))]) == 2
-    assert "gate.toml:10: budget: bad size 'lots'" in capsys.readouterr().err
+    assert "gate.toml:11: budget: bad size 'lots'" in capsys.readouterr().err
     broken = tmp_path / "broken.toml"
     broken.write_text("[gate\n")
     assert main(["gate", "--config", str(broken)]) == 2
@@ -144,3 +147,42 @@ def test_workflows_validate_against_githubs_schema():
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("time_tolerance = 1000", "tolerence = 0.1", ":4: tolerence: unknown key in [gate]"),
+        ("[[check]]", "[[chek]]", ": chek: unknown table or key"),
+        ("time_tolerance = 1000", "tolerance = nan", ":4: tolerance: expected a finite number"),
+        ('model = "qwen3-next-hybrid"', 'model = "gpt5"', ": model: unknown model profile 'gpt5'"),
+        ('policy = "kvtrie-improved"', 'policy = "greedy"', ": policy: unknown policy 'greedy'"),
+        ('trace = "agent"', 'trace = "nowhere"', ":9: trace: no trace file or bundled trace"),
+    ],
+)
+def test_configuration_errors_are_found_before_any_replay(
+    tmp_path, capsys, monkeypatch, old, new, message
+):
+    from kvtrie.sim import gate
+
+    def no_replay(*args):
+        raise AssertionError("a replay ran before the configuration was checked")
+
+    monkeypatch.setattr(gate, "_replay_metrics", no_replay)
+    config = small_gate(tmp_path)
+    config.write_text(config.read_text().replace(old, new))
+    assert main(["gate", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_missing_baseline_is_bad_input_unless_it_is_being_created(tmp_path, capsys):
+    config = small_gate(tmp_path)
+    config.write_text(config.read_text().replace(str(BASELINE), str(tmp_path / "none.json")))
+    assert main(["gate", "--config", str(config), "-q"]) == 2
+    assert "no baseline; kvtrie gate --update-baseline creates it" in capsys.readouterr().err
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    config.write_text(config.read_text().replace(str(tmp_path / "none.json"), str(broken)))
+    assert main(["gate", "--config", str(config), "-q"]) == 2
+    assert "not a readable baseline" in capsys.readouterr().err
