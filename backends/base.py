@@ -41,6 +41,11 @@ class Backend(Protocol):
         """I9 after prefill: None when ``logits`` equal a fresh full prefill's of ``prompt``."""
         ...
 
+    def oracle(self) -> dict[str, Any]:
+        """What the I9 oracle compares and within what (for the report): exact, or a
+        tolerance with its basis."""
+        ...
+
     def unaccounted(self, held: int) -> str | None:
         """I5: None when the ``held`` snapshots are all this backend has open (none leaked,
         none closed twice), or when the backend does not track them."""

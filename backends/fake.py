@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -478,6 +479,10 @@ class FakeBackend:
                     f"fresh prefill of {len(prefix)} tokens"
                 )
         return None
+
+    def oracle(self) -> dict[str, Any]:
+        """What the oracle compares and within what, for the report."""
+        return {"comparison": "exact"}
 
     def unaccounted(self, held: int) -> str | None:
         """I5: every snapshot this backend made is held by the trie or closed, once."""

@@ -442,13 +442,19 @@ class PrefixCache:
         offset and mark the active path used."""
         if self._session is session:
             self._session = None
-        offset = self.live_offset
+        offsets = [layer.offset for layer in self.layers]
+        if len(set(offsets)) > 1 or max(offsets) > len(tokens):
+            # The caller's count and what the layers evaluated disagree: the live state can't
+            # be trusted, so it is dropped (the next request recomputes) before saying so.
+            self.fall_back_to_root()
+            raise ValueError(
+                f"close(): prompt + outputs hold {len(tokens)} tokens but the layers evaluated "
+                f"{sorted(set(offsets))}; every token the model evaluated must be given, each "
+                "layer must have evaluated all of them (the live state was dropped)"
+            )
+        offset = offsets[0]
         if offset <= 0:
             return
-        if offset > len(tokens):
-            raise ValueError(
-                f"the layers are at {offset} but prompt + outputs hold only {len(tokens)} tokens"
-            )
         frontier = self.active_path[-1]
         if offset > frontier.end:
             self.advance(frontier, tokens[frontier.end : offset])

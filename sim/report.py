@@ -26,6 +26,7 @@ def build_report(
     backend: str,
     model: str,
     check: str,
+    oracle: dict[str, Any],
 ) -> dict[str, Any]:
     """The report's fields; names are a contract (see README), add but never rename."""
     stats = cache.stats
@@ -58,6 +59,7 @@ def build_report(
         "merges": stats.merges,
         "restore_failures": stats.restore_failures,
         "snapshots_skipped": stats.snapshots_skipped,
+        "oracle": oracle,
         "wall_seconds": outcome.wall_seconds,
         "tokens_per_second": _ratio(
             stats.prompt_tokens + outcome.output_tokens, outcome.wall_seconds
@@ -92,6 +94,12 @@ def text_summary(report: dict[str, Any]) -> str:
             "with only active-path snapshots left (allowed: those can't be evicted)"
         )
     violations = report["violations"]
+    oracle = report["oracle"]
+    if oracle["comparison"] != "exact" and report["check"] != "off":
+        lines.append(
+            f"oracle    logits within {oracle['logits']:.3g}, state within {oracle['state']:.3g} "
+            f"({oracle['basis']})"
+        )
     lines.append(
         f"checks    {report['check']}: "
         + (

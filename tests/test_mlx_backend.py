@@ -154,3 +154,77 @@ def test_drop_in_prompt_cache_for_mlx_lm_generation(name):
         assert out == fresh
         assert check(prompt_cache.cache) == []
     assert prompt_cache.cache.stats.cached_tokens >= 20
+
+
+@pytest.mark.parametrize("name", ["tiny-attention", "tiny-swa", "tiny-hybrid"])
+@pytest.mark.parametrize("wrong", [-1, +1])
+def test_store_with_a_wrong_count_is_an_error_and_nothing_wrong_is_served(name, wrong):
+    """store() one token short (say without the EOS) or long: on a hybrid model the recurrent
+    layers would otherwise be left at the wrong offset and a later turn restored wrong."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    from kvtrie.backends.mlx import MLXPromptCache, build_tiny_model
+
+    model = build_tiny_model(name)
+    prompt_cache = MLXPromptCache(model, budget_bytes=None)
+    first = S + [1, 2, 3]
+    caches, rest = prompt_cache.fetch(first)
+    out = [t for t, _ in generate_step(mx.array(rest), model, max_tokens=4, prompt_cache=caches)]
+    given = out[:-1] if wrong < 0 else out + [7]
+    with pytest.raises(ValueError, match=rf"store\(\) was given {len(given)} generated tokens"):
+        prompt_cache.store(given)
+    assert check(prompt_cache.cache) == []
+    nxt = first + out + [9, 10]
+    caches, rest = prompt_cache.fetch(nxt)
+    again = [t for t, _ in generate_step(mx.array(rest), model, max_tokens=4, prompt_cache=caches)]
+    prompt_cache.store(again)
+    assert again == [t for t, _ in generate_step(mx.array(nxt), model, max_tokens=4)]
+
+
+def test_fetch_without_store_names_the_missing_call():
+    from kvtrie.backends.mlx import MLXPromptCache, build_tiny_model
+
+    prompt_cache = MLXPromptCache(build_tiny_model("tiny-hybrid"), budget_bytes=None)
+    prompt_cache.fetch(S + [1])
+    with pytest.raises(ValueError, match=r"fetch\(\) again without store\(\)"):
+        prompt_cache.fetch(S + [2])
+    caches, rest = prompt_cache.fetch(S + [2])  # the cache went on, from a clean state
+    assert rest == [2] and check(prompt_cache.cache) == []
+
+
+def test_bf16_models_get_a_measured_tolerance_that_still_catches_a_wrong_state():
+    """Hub checkpoints ship in bf16, where a chunked and a one-shot prefill differ by rounding;
+    the oracle's bound is measured from the model, and a state from another prefix is still far
+    outside it."""
+    backend = MLXBackend.from_name("tiny-mamba@bfloat16")
+    tolerance = backend.tolerance
+    assert tolerance.dtype == "bfloat16" and tolerance.logits > 10 * LOGIT_TOLERANCE
+    assert "one-shot and a chunked prefill" in tolerance.basis
+    rig = MLXRig(backend, policy="kvtrie-improved")
+    for tail in ([1, 2, 3], [4, 5], [1, 2, 3, 9], [4, 5, 6]):
+        rig.run(S + tail)  # every request checked against a fresh prefill: clean
+    assert rig.cache.stats.cached_tokens > 0
+    layers = backend.new_layers()
+    backend.evaluate(layers, np.asarray([7] * 12 + S[12:], dtype=np.int32))  # another prefix
+    why = backend.mismatch(layers, np.asarray(S, dtype=np.int32))
+    assert why is not None and "bfloat16" in why
+    assert MLXBackend.from_name("tiny-mamba").tolerance.logits == LOGIT_TOLERANCE  # float32
+
+
+def test_the_report_says_which_tolerance_the_oracle_used(tmp_path):
+    import json
+
+    from kvtrie.sim.cli import main
+
+    trace = tmp_path / "t.jsonl"
+    assert main(["gen", "system-prompt", "--vocab-size", "512", "--set", "users=2",
+                 "--set", "turns=2", "--set", "system_tokens=24", "--set", "question_tokens=4",
+                 "--set", "output_tokens=2", "--out", str(trace)]) == 0
+    report = tmp_path / "r.json"
+    argv = ["replay", str(trace), "--backend", "mlx", "-q", "--report", str(report)]
+    assert main([*argv, "--model", "tiny-mamba@bfloat16"]) == 0
+    oracle = json.loads(report.read_text())["oracle"]
+    assert oracle["dtype"] == "bfloat16" and oracle["logits"] > 10 * LOGIT_TOLERANCE
+    assert main([*argv, "--model", "tiny-mamba"]) == 0
+    assert json.loads(report.read_text())["oracle"]["basis"] == "float32: strict"

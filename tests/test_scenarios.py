@@ -6,6 +6,7 @@ equals a fresh prefill) and that no snapshot leaked.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 S = list(range(1, 21))  # a 20-token system prompt, longer than the rotating window (8)
@@ -299,3 +300,21 @@ def test_improved_policy_moves_snapshots_into_the_live_path_under_a_budget(rig, 
     r.run([600])  # leaving pages the whole path out again, every node restorable
     assert r.cache.paged_out_bytes == (24 + 1) * 16
     assert r.run(S + [1, 2, 3, 4, 5]).cached_tokens == 24
+
+
+@pytest.mark.parametrize("profile", ["kv", "recurrent", "mixed"])
+def test_close_with_layers_that_disagree_is_an_error_and_drops_the_live_state(rig, profile):
+    from kvtrie.core import check
+
+    r = rig(profile)
+    r.run(S + [1, 2])
+    r.run([50, 51])  # pages the first conversation out
+    session = r.cache.begin(S + [1, 2, 3])
+    r.backend.evaluate(r.cache.layers, session.remaining)
+    r.backend.evaluate(r.cache.layers[:1], np.array([9]))  # one layer evaluated a token the rest did not
+    if profile != "mixed":
+        r.backend.evaluate(r.cache.layers, np.array([8]))  # or all did, but the caller won't say
+    with pytest.raises(ValueError, match=r"close\(\): prompt \+ outputs hold 23 tokens"):
+        session.close()
+    assert all(layer.offset == 0 for layer in r.cache.layers) and not check(r.cache)
+    assert r.run(S + [1, 2, 3]).cached_tokens == 22  # restored from its snapshots, and right

@@ -91,6 +91,9 @@ class _Adapter(CheckedRestore):
     def nbytes(self) -> int:
         return self.cache.nbytes
 
+    # mlx-lm moves this cache's offset itself as the model evaluates tokens
+    counts_itself = True
+
     def advance(self, count: int) -> None:
         """Called after the model evaluated ``count`` tokens (it moved ``cache.offset``)."""
 
@@ -193,6 +196,7 @@ class MLXRecurrentLayer(WholeStateSnapshots, _Adapter):
     """
 
     kind = LayerKind.RECURRENT
+    counts_itself = False  # the adapter counts, from what it is told was evaluated
 
     def __init__(self, cache: ArraysCache, faults: Faults) -> None:
         super().__init__(cache, faults)

@@ -13,13 +13,13 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from ..base import Faults
 from .adapters import MLXLayer, adapt, arrays_of, state_difference
-from .models import TINY_MODELS, build_tiny_model, vocab_of
+from .models import TINY_DTYPES, TINY_MODELS, build_tiny_model, vocab_of
+from .tolerance import STRICT, Tolerance, measure_tolerance
 
-__all__ = ["LOGIT_TOLERANCE", "MLXBackend", "PREFILL_CHUNK", "STATE_TOLERANCE"]
+__all__ = ["LOGIT_TOLERANCE", "MLXBackend", "PREFILL_CHUNK"]
 
-# Max |logit difference| accepted between a restored cache and a fresh full prefill (float32).
-LOGIT_TOLERANCE = 1e-4
-STATE_TOLERANCE = 1e-4
+# Max |logit difference| accepted in float32 (lower precision: measured, see tolerance.py).
+LOGIT_TOLERANCE = STRICT
 PREFILL_CHUNK = 2048
 
 class MLXBackend:
@@ -33,12 +33,28 @@ class MLXBackend:
         self.vocab_size = vocab_size
         self.max_logit_diff = 0.0  # the largest difference the oracle has measured
         self.faults = Faults()
+        self._tolerance: Tolerance | None = None
+
+    @property
+    def tolerance(self) -> Tolerance:
+        """The oracle's bounds for this model (measured once, on first use)."""
+        if self._tolerance is None:
+            self._tolerance = measure_tolerance(self)
+        return self._tolerance
+
+    def oracle(self) -> dict[str, Any]:
+        """What the oracle compares and within what, for the report."""
+        return {"comparison": "within tolerance", **self.tolerance.as_dict()}
 
     @classmethod
     def from_name(cls, name: str, seed: int = 0) -> MLXBackend:
         """A tiny registry model by name, or a local model directory."""
-        if name in TINY_MODELS:
-            return cls(build_tiny_model(name, seed), name, TINY_MODELS[name][1]["vocab_size"])
+        base, _, precision = name.partition("@")
+        if base in TINY_MODELS:
+            if precision not in ("", *TINY_DTYPES):
+                raise ValueError(f"{name}: choose a precision of {', '.join(TINY_DTYPES)}")
+            model = build_tiny_model(base, seed, precision or "float32")
+            return cls(model, name, TINY_MODELS[base][1]["vocab_size"])
         path = Path(name)
         if not path.is_dir():
             raise ValueError(
@@ -101,9 +117,10 @@ class MLXBackend:
             if live.offset != ref.offset:
                 return f"layer {index} at offset {live.offset}, fresh prefill at {ref.offset}"
             diff = state_difference(live, ref)
-            if diff > STATE_TOLERANCE:
+            if diff > self.tolerance.state:
                 return (
-                    f"layer {index} ({live.kind.value}) differs from a fresh prefill by {diff:.3g}"
+                    f"layer {index} ({live.kind.value}) differs from a fresh prefill by "
+                    f"{diff:.3g} (tolerance {self.tolerance.state:.3g}, {self.tolerance.dtype})"
                 )
         return None
 
@@ -118,8 +135,11 @@ class MLXBackend:
             return "no logits: the request evaluated no token"
         diff = float(mx.abs(fresh - logits).max())
         self.max_logit_diff = max(self.max_logit_diff, diff)
-        if diff > LOGIT_TOLERANCE:
-            return f"logits differ from a fresh prefill by {diff:.3g} (tolerance {LOGIT_TOLERANCE})"
+        if diff > self.tolerance.logits:
+            return (
+                f"logits differ from a fresh prefill by {diff:.3g} (tolerance "
+                f"{self.tolerance.logits:.3g}, {self.tolerance.dtype})"
+            )
         return None
 
 

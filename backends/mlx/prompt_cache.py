@@ -38,19 +38,45 @@ class MLXPromptCache:
 
     def fetch(self, prompt: Sequence[int] | np.ndarray) -> tuple[list[Any], list[int]]:
         """The live mlx-lm caches and the prompt tokens mlx-lm still has to evaluate (one)."""
+        if self._session is not None:
+            previous, self._session = self._session, None
+            previous.cache.fall_back_to_root()  # its generated tokens are unknown: recompute
+            previous.close()
+            raise ValueError(
+                f"fetch() again without store(): the previous fetch() of "
+                f"{len(previous.prompt)} prompt tokens was never stored; call "
+                "store(generated_tokens) after each generation (that state was dropped)"
+            )
         layers = self.cache.layers
         self._session = session = self.cache.begin(prompt)
         session.prefill(lambda t: self.backend.evaluate(layers, t), until=len(session.prompt) - 1)
         return [layer.cache for layer in layers], [int(session.prompt[-1])]
 
     def store(self, generated: Sequence[int]) -> None:
-        """Record what mlx-lm generated (and fed back) after ``fetch``."""
+        """Record every token mlx-lm yielded after ``fetch`` (the EOS token too): mlx-lm fed
+        them all back into the model.
+
+        The count is checked against what the attention layers evaluated (mlx-lm counts those
+        itself); a recurrent layer can't count, so a wrong count would otherwise leave it at
+        the wrong offset and a later request would restore a wrong state. On a mismatch the
+        live state is dropped and ``ValueError`` names both counts.
+        """
         session, self._session = self._session, None
         if session is None:
             raise RuntimeError("store() without a fetch()")
+        generated = list(generated)
         evaluated = 1 + len(generated)  # the last prompt token and every yielded token
+        start = len(session.prompt) - 1
+        counted = [layer.offset - start for layer in self.cache.layers if layer.counts_itself]
+        if any(count != evaluated for count in counted):
+            self.cache.fall_back_to_root()
+            session.close()
+            raise ValueError(
+                f"store() was given {len(generated)} generated tokens ({evaluated} evaluated "
+                f"after fetch() with the last prompt token), but the model evaluated "
+                f"{counted[0]}: pass every token mlx-lm yielded, the EOS token too (the live "
+                "state was dropped; the next request recomputes)"
+            )
         for layer in self.cache.layers:
             layer.advance(evaluated)
-        session.close(list(generated))
-
-
+        session.close(generated)

@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "snapshots, checking every invariant and the fresh-prefill oracle after every step. A "
         "failure is shrunk and written as a kvtrie trace that kvtrie replay reproduces. "
         "--mutants all runs the same fuzzer against each named mutant of the cache and "
-        "prints which it kills. Exit 1 on a failure (or a kill rate under 90%%).",
+        "prints which it kills. Exit 1 on a failure (or a kill rate under 90%), 2 on bad input.",
     )
     fuzz.add_argument("--backend", choices=["fake", "mlx"], default="fake")
     fuzz.add_argument(
@@ -65,7 +65,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _fuzz_summary(result) -> str:
     return (
-        f"{result.examples} examples, {result.steps} steps, {len(result.shapes)} distinct trie "
+        f"{result.examples} state machines run (the generated examples, plus those "
+        f"Hypothesis replays and shrinks), {result.steps} steps, {len(result.shapes)} distinct trie "
         f"shapes, max depth {result.max_depth}, {result.totals.splits} splits, "
         f"{result.totals.merges} merges, {result.totals.evictions} evictions, "
         f"{result.totals.restore_failures} restore failures, "

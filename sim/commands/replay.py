@@ -67,7 +67,8 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
         "--model",
         default=None,
         help="fake: a profile name or a profiles TOML file (default llama-8b); "
-        "mlx: tiny-attention, tiny-swa, tiny-hybrid or a local model directory",
+        "mlx: tiny-attention (default), tiny-swa, tiny-hybrid, small-attention, "
+        "small-hybrid or a local model directory",
     )
     parser.add_argument(
         "--budget",
@@ -137,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
         cache = make_cache(backend, budget, policy)
         progress = False if args.quiet else None
         outcome = replay(trace, backend, cache, mode, args.limit, args.keep_going, progress)
-    report = build_report(trace, outcome, cache, backend_name, model, args.check)
+    report = build_report(
+        trace, outcome, cache, backend_name, model, args.check, backend.oracle()
+    )
     if not args.quiet:
         print(text_summary(report))
     if outcome.violations:
