@@ -99,7 +99,9 @@ def replay(
         outcome.ideal_cached_tokens += ideal.cached(prompt)
         try:
             result = runner.run(prompt, request.outputs, request.user_snapshots)
-        except AssertionError as exc:  # the cache caught itself inconsistent mid-operation
+        except (AssertionError, ValueError) as exc:
+            # the cache caught itself inconsistent mid-operation; the runner drives it with the
+            # right counts, so a refused close is the cache's fault too
             stop_at(request.id, request.line, [Violation("ASSERT", str(exc))])
             outcome.stopped_early = stopped = True
             break
