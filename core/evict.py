@@ -48,11 +48,12 @@ class OldestDeepestLargest:
 class EvictionIndex:
     """The nodes holding snapshots, in a heap by eviction priority, kept up to date lazily.
 
-    Every node the trie touches is pushed with its priority at that moment; an entry whose node
-    has since left the trie, dropped its snapshots or changed priority is stale and skipped when
-    it reaches the top (a changed one is pushed again with its new priority). Nodes on the
-    active path are set aside while a victim is found and put back after. The heap is rebuilt
-    from the trie when stale entries outnumber live ones, so it stays O(nodes).
+    Every node the trie touches is pushed with its priority at that moment, unless an entry
+    with that priority is already queued for it; an entry whose node has since left the trie,
+    dropped its snapshots or changed priority is stale and skipped when it reaches the top (a
+    changed one is pushed again with its new priority). Protected nodes (the active path) are
+    set aside while a victim is found and put back after. The heap is rebuilt from the trie
+    when stale entries outnumber live ones, so it stays O(nodes).
     """
 
     def __init__(self, order: EvictionOrder) -> None:
@@ -62,13 +63,19 @@ class EvictionIndex:
         self._seq = itertools.count()
         self._rebuild_at = 4096
         self._root: Node | None = None
+        self._queued: dict[Node, tuple[int, ...]] = {}  # the newest entry's priority, per node
 
     def touched(self, node: Node) -> None:
         """The trie changed ``node`` (its snapshots, edge, place or last use)."""
         if self.enabled and node.parent is not None and node.snapshots is not None:
-            heapq.heappush(self._heap, (self.order.priority(node), next(self._seq), node))
+            self._push(node, self.order.priority(node))
             if len(self._heap) > self._rebuild_at:
                 self.rebuild()  # O(nodes), after at least 3x as many pushes: amortized O(1)
+
+    def _push(self, node: Node, priority: tuple[int, ...]) -> None:
+        if self._queued.get(node) != priority:
+            self._queued[node] = priority
+            heapq.heappush(self._heap, (priority, next(self._seq), node))
 
     def enable(self, root: Node) -> None:
         """Start indexing (the cache got a budget): index every node holding snapshots."""
@@ -81,15 +88,17 @@ class EvictionIndex:
         """Stop indexing (the budget is unbounded): nothing will be evicted."""
         self.enabled = False
         self._heap = []
+        self._queued = {}
 
     def rebuild(self) -> None:
         """Index the trie afresh, dropping every stale entry."""
         assert self._root is not None
-        self._heap = [
-            (self.order.priority(n), next(self._seq), n)
+        self._queued = {
+            n: self.order.priority(n)
             for n in walk(self._root)
             if n.parent is not None and n.snapshots is not None
-        ]
+        }
+        self._heap = [(p, next(self._seq), n) for n, p in self._queued.items()]
         heapq.heapify(self._heap)
         self._rebuild_at = max(4096, 4 * len(self._heap))
 
@@ -105,19 +114,23 @@ class EvictionIndex:
         victim = None
         while heap:
             priority, seq, node = heapq.heappop(heap)
+            if self._queued.get(node) != priority:
+                continue  # an older entry of a node queued again since
+            del self._queued[node]
             if node.parent is None or not node.has_snapshots():
                 continue  # left the trie or dropped its snapshots: stale
             current = self.order.priority(node)
             if current != priority:
-                heapq.heappush(heap, (current, next(self._seq), node))
+                self._push(node, current)
                 continue
             if not self.evictable(node, active):
                 held.append((priority, seq, node))
                 continue
             victim = node
             break
-        for entry in held:
-            heapq.heappush(heap, entry)
+        for priority, seq, node in held:
+            self._queued[node] = priority
+            heapq.heappush(heap, (priority, seq, node))
         return victim
 
 
