@@ -61,14 +61,20 @@ def _positive_int(value: object, where: str) -> int:
     return value
 
 
+def _table(value: object, where: str, keys: set[str]) -> dict:
+    """``value`` as a TOML table holding only ``keys``."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a table, got {value!r}")
+    unknown = sorted(set(value) - keys)
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown key; keys are {', '.join(sorted(keys))}")
+    return value
+
+
 def _parse_profile(name: str, table: object, source: str) -> ModelProfile:
     """One ``[profiles.NAME]`` table; every error names the file and the key."""
     where = f"{source}: profiles.{name}"
-    if not isinstance(table, dict):
-        raise ValueError(f"{where}: expected a table, got {table!r}")
-    unknown = sorted(set(table) - PROFILE_KEYS)
-    if unknown:
-        raise ValueError(f"{where}.{unknown[0]}: unknown key; keys are {', '.join(PROFILE_KEYS)}")
+    table = _table(table, where, PROFILE_KEYS)
     for key in ("vocab_size", "layers"):
         if key not in table:
             raise ValueError(f"{where}: lacks the key {key!r}")
@@ -81,11 +87,7 @@ def _parse_profile(name: str, table: object, source: str) -> ModelProfile:
     specs = []
     for i, layer in enumerate(layers):
         at = f"{where}.layers[{i}]"
-        if not isinstance(layer, dict):
-            raise ValueError(f"{at}: expected a table, got {layer!r}")
-        unknown = sorted(set(layer) - LAYER_KEYS)
-        if unknown:
-            raise ValueError(f"{at}.{unknown[0]}: unknown key; keys are {', '.join(LAYER_KEYS)}")
+        layer = _table(layer, at, LAYER_KEYS)
         kinds = [k.value for k in LayerKind]
         if layer.get("kind") not in kinds:
             raise ValueError(f"{at}.kind: expected one of {', '.join(kinds)}, got {layer.get('kind')!r}")
