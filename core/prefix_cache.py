@@ -322,10 +322,17 @@ class PrefixCache:
         """The active path and ``nodes`` by id: what making room must not evict."""
         return {id(node): node for node in (*self.active_path, *nodes)}
 
-    def _page_out(self, node: Node, protected: dict[int, Node]) -> bool:
-        """Page ``node`` out of the live layers (at its end), counted; False when it did not
-        fit the budget."""
-        if not self.attach_live_snapshots(node, protected):
+    def _page_out(
+        self,
+        node: Node,
+        protected: dict[int, Node],
+        snapshots: list[Snapshot | None] | None = None,
+    ) -> bool:
+        """Page ``node`` out of the live layers (at its end, or these ``snapshots`` of them),
+        counted; False when it did not fit the budget."""
+        if snapshots is None:
+            snapshots = self._live_snapshots(node)
+        if not self._attach(node, snapshots, protected):
             return False
         self.stats.page_outs += 1
         log.debug("page out [%d, %d)", node.start, node.end)
@@ -355,11 +362,9 @@ class PrefixCache:
                 layer.restore(None, leaf.start + keep)
             shorten_bare_leaf(leaf, keep, self.ledger)
             snapshots = self._live_snapshots(leaf)
-        if self._attach(leaf, snapshots, protected):
-            self.stats.page_outs += 1
-            log.debug("page out [%d, %d)", leaf.start, leaf.end)
-        elif not leaf.children and not leaf.user and leaf.snapshots is None:
-            remove_leaf(leaf, self.ledger)
+        if not self._page_out(leaf, protected, snapshots):
+            if not leaf.children and not leaf.user and leaf.snapshots is None:
+                remove_leaf(leaf, self.ledger)
 
     def _live_snapshots(self, node: Node) -> list[Snapshot | None]:
         for index, layer in enumerate(self.layers):
