@@ -228,3 +228,13 @@ def test_the_report_says_which_tolerance_the_oracle_used(tmp_path):
     assert oracle["dtype"] == "bfloat16" and oracle["logits"] > 10 * LOGIT_TOLERANCE
     assert main([*argv, "--model", "tiny-mamba"]) == 0
     assert json.loads(report.read_text())["oracle"]["basis"] == "float32: strict"
+
+
+def test_the_drop_in_defaults_to_the_improved_policy():
+    from kvtrie.backends.mlx import MLXPromptCache, build_tiny_model
+    from kvtrie.core.policy import parse_policy
+
+    model = build_tiny_model("tiny-attention")
+    assert MLXPromptCache(model).cache.policy.name == "kvtrie-improved"
+    chosen = MLXPromptCache(model, policy=parse_policy("seed"))
+    assert chosen.cache.policy.name == "kvtrie-seed"

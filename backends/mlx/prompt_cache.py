@@ -7,7 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from kvtrie.core.prefix_cache import DEFAULT_BUDGET_BYTES, CachePolicy, PrefixCache, Session
+from kvtrie.core.prefix_cache import (
+    DEFAULT_BUDGET_BYTES,
+    POLICIES,
+    CachePolicy,
+    PrefixCache,
+    Session,
+)
 
 from .backend import MLXBackend
 from .models import vocab_of
@@ -33,6 +39,10 @@ class MLXPromptCache:
         name: str = "model",
     ) -> None:
         self.backend = MLXBackend(model, name, vocab_of(model))
+        # kvtrie-improved unless told otherwise: on a 3-conversation, 4-turn chat sharing a
+        # 200-token system prompt (tiny-attention) it prefilled 344 tokens against the seed's
+        # 544 unbounded, and 344 against 1,244 at a 128 KiB budget
+        policy = POLICIES["kvtrie-improved"] if policy is None else policy
         self.cache = PrefixCache(self.backend.new_layers(), budget_bytes, policy)
         self._session: Session | None = None
 
