@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from .evict import EvictionOrder, OldestDeepestLargest
 from .protocols import LayerKind
@@ -120,13 +121,6 @@ class SnapshotSchedule:
         if isinstance(self.interval, bool) or self.interval < 0:
             raise ValueError(f"snapshot-interval must be an integer >= 0, got {self.interval!r}")
 
-    @property
-    def on(self) -> bool:
-        return self.interval > 0
-
-    def applies(self, kinds: frozenset[LayerKind]) -> bool:
-        return True
-
     def stops(self, start: int, end: int) -> range:
         """The scheduled snapshot offsets strictly inside ``(start, end)``."""
         if self.interval <= 0:
@@ -159,29 +153,28 @@ class CachePolicy:
     schedule: SnapshotSchedule = SnapshotSchedule(0)
     eviction: EvictionOrder = field(default_factory=OldestDeepestLargest)
 
-    def strategies(self) -> list:
-        return [getattr(self, f.name) for f in fields(self) if f.name not in ("name", "eviction")]
+    def toggles(self) -> dict[str, Any]:
+        """The on/off strategies by field name, in field order."""
+        return {
+            f.name: value
+            for f in fields(self)
+            if isinstance(value := getattr(self, f.name), TOGGLES)
+        }
 
     def for_layers(self, kinds: Iterable[LayerKind]) -> CachePolicy:
         """This policy with every choice the layers can't support turned off."""
         kinds = frozenset(kinds)
         changes = {
-            f.name: replace(value, on=False)
-            for f in fields(self)
-            if isinstance(value := getattr(self, f.name), TOGGLES)
-            and value.on
-            and not value.applies(kinds)
+            attr: replace(value, on=False)
+            for attr, value in self.toggles().items()
+            if value.on and not value.applies(kinds)
         }
         return replace(self, **changes) if changes else self
 
     def with_changes(self, changes: Iterable[str]) -> CachePolicy:
         """Apply ``+name``, ``-name``, ``name`` and ``snapshot-interval=K`` changes."""
         policy = self
-        attrs = {
-            getattr(self, f.name).name: f.name
-            for f in fields(self)
-            if f.name not in ("name", "eviction")
-        }
+        attrs = {value.name: attr for attr, value in self.toggles().items()}
         for change in changes:
             text = change.strip()
             if not text:
@@ -196,7 +189,7 @@ class CachePolicy:
                 continue
             on = not key.startswith("-")
             key = key.lstrip("+-")
-            if key not in attrs or key == SnapshotSchedule.name:
+            if key not in attrs:
                 raise ValueError(
                     f"unknown strategy {key!r}; choose from {', '.join(t.name for t in TOGGLES)} "
                     f"or {SnapshotSchedule.name}=K"
@@ -211,8 +204,8 @@ class CachePolicy:
         for bundle_name, bundle in POLICIES.items():
             changes = [
                 ("+" if mine.on else "-") + mine.name
-                for mine, theirs in zip(self.strategies(), bundle.strategies())
-                if not isinstance(mine, SnapshotSchedule) and mine.on != theirs.on
+                for mine, theirs in zip(self.toggles().values(), bundle.toggles().values())
+                if mine.on != theirs.on
             ]
             if self.schedule != bundle.schedule:
                 changes.append(f"{SnapshotSchedule.name}={self.schedule.interval}")

@@ -344,12 +344,11 @@ class PrefixCache:
         first; a leaf whose snapshot can't fit at all leaves the trie (nothing could restore
         it)."""
         snapshots = self._live_snapshots(leaf)
-        size = sum(snap.nbytes for snap in snapshots if snap is not None)
         keep = leaf.end // TRIM_PAGE * TRIM_PAGE - leaf.start
         if (
             self.policy.whole_pages.on
             and self.budget_bytes is not None
-            and self.ledger.total - leaf.snapshot_bytes + size > self.budget_bytes
+            and self.ledger.total - leaf.snapshot_bytes + _nbytes(snapshots) > self.budget_bytes
             and not leaf.children
             and not leaf.user
             and 0 < keep < len(leaf.tokens)
@@ -378,7 +377,7 @@ class PrefixCache:
         """Give ``node`` these snapshots (replacing its own) once the budget has room for
         them, never evicting ``node`` or a ``protected`` node for it; a snapshot set that can't
         fit is closed and counted as skipped, and the node keeps what it had."""
-        size = sum(snap.nbytes for snap in snapshots if snap is not None)
+        size = _nbytes(snapshots)
         if not self.evictor.make_room(size - node.snapshot_bytes, {**protected, id(node): node}):
             _close(snapshots)
             self.stats.snapshots_skipped += 1
@@ -476,6 +475,10 @@ class PrefixCache:
 
     def nodes(self) -> Iterable[Node]:
         return walk(self.root)
+
+
+def _nbytes(snapshots: list[Snapshot | None]) -> int:
+    return sum(snap.nbytes for snap in snapshots if snap is not None)
 
 
 def _close(snapshots: list[Snapshot | None]) -> None:

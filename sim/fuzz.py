@@ -100,12 +100,15 @@ def _budgets(bytes_per_token: int) -> list[int | None]:
 
 
 def _backend_factory(backend: str, model: str) -> Callable[[], Any]:
-    """A factory of fresh backends; an MLX model is built once and its faults reset."""
+    """A factory of fresh backends (the profile read once); an MLX model is built once and
+    its faults reset."""
+    shared = make_backend(backend, model)
     if backend == "fake":
-        return lambda: make_backend(backend, model)
+        from kvtrie.backends.fake import FakeBackend
+
+        return lambda: FakeBackend(shared.profile)
     from kvtrie.backends.base import Faults
 
-    shared = make_backend(backend, model)
 
     def fresh() -> Any:
         shared.faults = Faults()

@@ -162,14 +162,11 @@ def _check_model(backend: str, model: str, root: Path) -> None:
         if model.endswith(".toml") and not Path(model).is_absolute():
             model = str(root / model)
         get_profile(model)
-    elif model not in _tiny_mlx_models() and not Path(model).is_dir():
-        raise ValueError(f"unknown MLX model {model!r}: a tiny model name or a model directory")
+    else:
+        from kvtrie.backends.mlx.models import tiny_model
 
-
-def _tiny_mlx_models() -> list[str]:
-    from kvtrie.backends.mlx.models import TINY_MODELS
-
-    return list(TINY_MODELS)
+        if tiny_model(model) is None and not Path(model).is_dir():
+            raise ValueError(f"unknown MLX model {model!r}: a tiny model name or a model directory")
 
 
 def load_config(path: Path, needs_baseline: bool = True) -> GateConfig:

@@ -13,7 +13,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from ..base import Faults
 from .adapters import MLXLayer, adapt, arrays_of, state_difference
-from .models import TINY_DTYPES, TINY_MODELS, build_tiny_model, vocab_of
+from .models import TINY_MODELS, build_tiny_model, tiny_model, vocab_of
 from .tolerance import STRICT, Tolerance, measure_tolerance
 
 __all__ = ["LOGIT_TOLERANCE", "MLXBackend", "PREFILL_CHUNK"]
@@ -49,12 +49,10 @@ class MLXBackend:
     @classmethod
     def from_name(cls, name: str, seed: int = 0) -> MLXBackend:
         """A tiny registry model by name, or a local model directory."""
-        base, _, precision = name.partition("@")
-        if base in TINY_MODELS:
-            if precision not in ("", *TINY_DTYPES):
-                raise ValueError(f"{name}: choose a precision of {', '.join(TINY_DTYPES)}")
-            model = build_tiny_model(base, seed, precision or "float32")
-            return cls(model, name, TINY_MODELS[base][1]["vocab_size"])
+        tiny = tiny_model(name)
+        if tiny is not None:
+            base, dtype = tiny
+            return cls(build_tiny_model(base, seed, dtype), name, TINY_MODELS[base][1]["vocab_size"])
         path = Path(name)
         if not path.is_dir():
             raise ValueError(

@@ -14,7 +14,7 @@ from typing import Any
 
 import mlx.core as mx
 
-__all__ = ["TINY_DTYPES", "TINY_MODELS", "build_tiny_model", "vocab_of"]
+__all__ = ["TINY_DTYPES", "TINY_MODELS", "build_tiny_model", "tiny_model", "vocab_of"]
 
 _VOCAB = 512
 TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -136,6 +136,17 @@ TINY_MODELS["small-hybrid"] = (
 
 
 TINY_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def tiny_model(name: str) -> tuple[str, str] | None:
+    """``(model, dtype)`` for a tiny model's name (``tiny-hybrid``, ``tiny-mamba@bfloat16``),
+    None for a name that is no tiny model's; a bad precision is a ValueError."""
+    base, _, precision = name.partition("@")
+    if base not in TINY_MODELS:
+        return None
+    if precision not in ("", *TINY_DTYPES):
+        raise ValueError(f"{name}: choose a precision of {', '.join(TINY_DTYPES)}")
+    return base, precision or "float32"
 
 
 def build_tiny_model(name: str, seed: int = 0, dtype: str = "float32") -> Any:
