@@ -13,7 +13,7 @@ import numpy as np
 
 from kvtrie.core.protocols import LayerCache, LayerKind
 
-__all__ = ["LayerContract"]
+__all__ = ["FakeContract", "LayerContract", "broken_promises"]
 
 
 class LayerContract:
@@ -33,6 +33,17 @@ class LayerContract:
         if isinstance(a, tuple):
             return len(a) == len(b) and all(self.equal(x, y) for x, y in zip(a, b))
         return bool(np.array_equal(a, b))
+
+    def failures(self) -> list[str]:
+        """Every contract test that fails on this backend, one line each: what the mutation
+        check runs against a backend mutant."""
+        found = []
+        for name in sorted(n for n in dir(self) if n.startswith("test_")):
+            try:
+                getattr(self, name)()
+            except Exception as exc:  # an assert, or a layer crashing on a valid call
+                found.append(f"{type(self).__name__}.{name}: {type(exc).__name__} {exc}")
+        return found
 
     def _evaluated(self, kind: LayerKind, tokens: np.ndarray) -> tuple[Any, list, LayerCache]:
         backend, layers, layer = self.layers_with(kind)
@@ -113,3 +124,27 @@ class LayerContract:
         backend.faults.fail_next_restores(1)
         assert not kv.restore(snap, 5) and kv.offset == 0
         assert kv.restore(snap, 5)
+
+
+class FakeContract(LayerContract):
+    """The contract on the fake backend's tiny-mixed model (attention, window 8, recurrent)."""
+
+    def layers_with(self, kind: LayerKind) -> tuple[Any, list[LayerCache], LayerCache]:
+        from .fake import FakeBackend
+        from .profiles import get_profile
+
+        backend = FakeBackend(get_profile("tiny-mixed"))
+        layers = backend.new_layers()
+        return backend, layers, next(layer for layer in layers if layer.kind is kind)
+
+    def state(self, layer: Any) -> Any:
+        return layer.state()
+
+
+def broken_promises(backend: str) -> list[str]:
+    """The contract tests that fail on ``backend`` (fake or mlx)."""
+    if backend == "mlx":
+        from .mlx.contract import MLXContract
+
+        return MLXContract().failures()
+    return FakeContract().failures()

@@ -21,11 +21,24 @@ from .trie import Node, merge_with_child, remove_leaf, split_node, walk
 if TYPE_CHECKING:  # the cache builds its evictor; the evictor only reads it
     from .prefix_cache import PrefixCache
 
-__all__ = ["EvictionIndex", "EvictionOrder", "Evictor", "OldestDeepestLargest", "TRIM_PAGE"]
+__all__ = [
+    "EvictionIndex",
+    "EvictionOrder",
+    "Evictor",
+    "OldestDeepestLargest",
+    "TRIM_PAGE",
+    "page_floor",
+]
 
 log = logging.getLogger(__name__)
 
 TRIM_PAGE = 16  # tokens: leaves are trimmed, and paged out under pressure, in pages of this size
+
+
+def page_floor(offset: int) -> int:
+    """The page boundary at or below ``offset``: pages are absolute positions, as a block
+    cache's are, so a leaf that starts mid-page loses its partial last page first."""
+    return offset // TRIM_PAGE * TRIM_PAGE
 
 
 class EvictionOrder(Protocol):
@@ -240,7 +253,7 @@ class Evictor:
             return False
         per_token = node.snapshot_bytes / len(node.tokens)
         tokens = math.ceil((cache.ledger.total - self.limit) / per_token)
-        keep = len(node.tokens) - math.ceil(tokens / TRIM_PAGE) * TRIM_PAGE
+        keep = page_floor(node.end - tokens) - node.start
         if keep < 1:
             return False
         split_node(node, keep, cache.layers, cache.ledger)

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .evict import TRIM_PAGE, Evictor
+from . import evict
+from .evict import Evictor
 from .policy import POLICIES, CachePolicy
 from .protocols import LayerCache, LayerKind, Snapshot
 from .trie import (
@@ -344,7 +345,7 @@ class PrefixCache:
         first; a leaf whose snapshot can't fit at all leaves the trie (nothing could restore
         it)."""
         snapshots = self._live_snapshots(leaf)
-        keep = leaf.end // TRIM_PAGE * TRIM_PAGE - leaf.start
+        keep = evict.page_floor(leaf.end) - leaf.start
         if (
             self.policy.whole_pages.on
             and self.budget_bytes is not None

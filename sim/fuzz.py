@@ -11,6 +11,7 @@ reproduces exactly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st
+from hypothesis.errors import HypothesisException
 from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
@@ -89,7 +91,8 @@ class FuzzResult:
     max_depth: int = 0
     totals: CacheStats = field(default_factory=CacheStats)  # summed over every example
     seconds: float = 0.0
-    failure: str | None = None
+    failure: str | None = None  # a check failed or the cache raised: the shrunk example's error
+    error: str | None = None  # Hypothesis itself failed (flaky, health check): no verdict
     regression_trace: str | None = None
     shrunk_requests: int = 0
 
@@ -140,6 +143,15 @@ def _token_bytes(backend: Any) -> int:
     return max(1, sum(layer.nbytes for layer in layers) // 4)
 
 
+def _path_tokens(node: Any) -> list[int]:
+    """The tokens from the root to the end of ``node``."""
+    parts = []
+    while node is not None:
+        parts.append(node.tokens)
+        node = node.parent
+    return [int(t) for part in reversed(parts) for t in part]
+
+
 def _machine(
     config: FuzzConfig, result: FuzzResult, last: dict[str, Any], tick: Callable[[], Any]
 ) -> type:
@@ -156,7 +168,12 @@ def _machine(
             super().__init__()
             self.lines: list[dict[str, Any]] = []
             self.found: list = []
-            self.idle = deadline is not None and time.monotonic() > deadline
+            # Past the time limit new examples do nothing, so Hypothesis runs out its count
+            # at once; never once a failure was seen, or its shrinking would replay no-ops,
+            # find them passing and call the failure flaky.
+            self.idle = (
+                deadline is not None and time.monotonic() > deadline and not last.get("failed")
+            )
             last["machine"] = self
             result.examples += 1
             tick()
@@ -179,15 +196,26 @@ def _machine(
             if marks:
                 line["user_snapshots"] = marks
             self.lines.append(line)
-            self.found += self.runner.run(np.asarray(prompt, dtype=np.int32), out, marks).violations
+            with self._failure_noted():
+                result = self.runner.run(np.asarray(prompt, dtype=np.int32), out, marks)
+            self.found += result.violations
             self._collect()
             return prompt + out
+
+        @contextlib.contextmanager
+        def _failure_noted(self):
+            try:
+                yield
+            except Exception:
+                last["failed"] = True
+                raise
 
         def _apply(self, event: Event) -> None:
             if self.idle:
                 return
             self.lines.append(event.as_line())
-            self.found += self.runner.apply(event)
+            with self._failure_noted():
+                self.found += self.runner.apply(event)
             self._collect()
 
         @invariant()
@@ -196,6 +224,8 @@ def _machine(
             step (every structural invariant, the oracle, leaks, unexplained restore
             failures)."""
             found, self.found = self.found, []
+            if found:
+                last["failed"] = True
             assert not found, "; ".join(map(str, found))
 
         def _collect(self) -> None:
@@ -236,9 +266,14 @@ def _machine(
         @precondition(lambda self: any(n.has_snapshots() for n in walk(self.cache.root)))
         @rule(data=st.data())
         def corrupt_snapshots(self, data):
-            nodes = sorted((n.start, n.end) for n in walk(self.cache.root) if n.has_snapshots())
-            start, end = data.draw(st.sampled_from(nodes))
-            self._apply(Event("corrupt", 0, start=start, end=end))
+            holders = {(n.start, n.end): n for n in walk(self.cache.root) if n.has_snapshots()}
+            start, end = data.draw(st.sampled_from(sorted(holders)))
+            # one layer's snapshot, or all: a single bad layer must not be served either,
+            # even when the layers restored before and after it are sound
+            layer = data.draw(st.none() | st.integers(0, len(self.cache.layers) - 1))
+            self._apply(Event("corrupt", 0, start=start, end=end, layer=layer))
+            if data.draw(st.booleans()):  # and ask for it at once: the restore must refuse it
+                self._serve(_path_tokens(holders[(start, end)]) + [1], [], None)
 
         def teardown(self):
             if hasattr(self, "cache"):
@@ -303,9 +338,14 @@ def run_fuzz(config: FuzzConfig) -> FuzzResult:
             test = seed(config.seed)(test)
         try:
             test()
-        except Exception as exc:  # a failing example, already shrunk by Hypothesis
-            result.failure = f"{type(exc).__name__}: {exc}"
-            if "machine" in last:
+        except Exception as exc:
+            if isinstance(exc, HypothesisException):
+                # Hypothesis failing itself (a flaky example, a failed health check), not the
+                # cache: no verdict on the code under test
+                result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            else:  # a failing example, already shrunk by Hypothesis
+                result.failure = f"{type(exc).__name__}: {exc}"
+            if result.failure and "machine" in last:
                 path = _write_regression(config, last["machine"], result.failure)
                 result.regression_trace = str(path)
                 result.shrunk_requests = sum(

@@ -262,6 +262,9 @@ def _replay_metrics(check: Check, root: Path) -> dict[str, Any]:
     return {
         "hit_ratio": stats.cached_tokens / stats.prompt_tokens if stats.prompt_tokens else 0.0,
         "computed_tokens": stats.computed_tokens,
+        # what the budget and the policy cost against an infinite cache
+        "reuse_lost": outcome.ideal_cached_tokens - stats.cached_tokens,
+        "merges": stats.merges,
         "peak_paged_out_bytes": cache.ledger.peak,
         "violations": len(outcome.violations),
         "seconds": seconds,
@@ -284,8 +287,9 @@ def _fuzz_metrics(check: Check) -> dict[str, Any]:
             )
         )
     return {
-        "violations": 1 if result.failure else 0,
-        "failure": result.failure,
+        # Hypothesis failing itself (flaky, health check) is no clean run either
+        "violations": 1 if result.failure or result.error else 0,
+        "failure": result.failure or result.error,
         "examples": result.examples,
         "seconds": result.seconds,
     }
@@ -345,6 +349,7 @@ def _compare(
     for metric, higher_is_better in (
         ("hit_ratio", True),
         ("computed_tokens", False),
+        ("reuse_lost", False),
         ("peak_paged_out_bytes", False),
         ("time_ratio", False),
     ):

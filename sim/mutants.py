@@ -1,7 +1,12 @@
-"""Named mutants of the cache: each brings back one bug, so the fuzzer can prove it finds it.
+"""Named mutants: each brings back one bug, so the mutation check can prove it is found.
 
-A mutant patches one seam of the core or the fake backend for the duration of a ``with``
-block; nothing is edited on disk. Most are the bugs SPEC.md lists for this design family.
+A mutant patches one seam for the duration of a ``with`` block; nothing is edited on disk.
+They come in areas, each a part of what kvtrie promises: ``core`` (the trie and cache, most
+of them the bugs SPEC.md lists for this design family), ``strategies`` (each choice of the
+improved policy off, or off by a page or a node: bugs that only lose reuse), ``fake`` and
+``mlx`` (each layer kind's snapshot, split, merge, restore and free on each backend),
+``checker`` (each check weakened to pass what it must report) and ``replayer`` (its counters
+and the infinite-cache bound). MLX mutants are fuzzed on the MLX backend.
 """
 
 from __future__ import annotations
@@ -13,18 +18,31 @@ from typing import Any
 from unittest import mock
 
 from kvtrie.backends.fake import (
+    FakeBackend,
     FakeKVCache,
     FakeRecurrentCache,
     FakeRotatingCache,
     KVSnapshot,
     Segment,
 )
-from kvtrie.core import evict
+from kvtrie.core import evict, invariants
 from kvtrie.core.evict import EvictionIndex, Evictor, OldestDeepestLargest
-from kvtrie.core.policy import PartialEdges
+from kvtrie.core.policy import (
+    KeepRestorePoints,
+    MergeLoneChildren,
+    PageInMoves,
+    PartialEdges,
+    SnapshotSchedule,
+    WholePagesUnderPressure,
+)
 from kvtrie.core.prefix_cache import PrefixCache
 
-__all__ = ["MUTANTS", "Mutant", "mutated"]
+from . import ideal, peers, report
+from .runner import RequestRunner
+
+__all__ = ["AREAS", "MUTANTS", "Mutant", "mutated"]
+
+AREAS = ("core", "strategies", "fake", "mlx", "checker", "replayer")
 
 
 @dataclass(frozen=True)
@@ -32,6 +50,12 @@ class Mutant:
     name: str
     bug: str
     patches: Callable[[], list[tuple[Any, str, Any]]]
+    area: str = "core"
+
+    @property
+    def backend(self) -> str:
+        """The backend its fuzzing runs on: its own for a backend mutant, else the fake."""
+        return "mlx" if self.area == "mlx" else "fake"
 
 
 def _match_without_one_token_rule(self: PrefixCache, tokens, path, matched):
@@ -116,6 +140,155 @@ def _page_out_then_evict(self: Evictor, nbytes: int, protected: dict) -> bool:
     return True  # no room made first: the evictions after the page-out catch up
 
 
+def _never(self, *args: Any) -> bool:
+    return False
+
+
+def _passes(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _no_violations(*args: Any, **kwargs: Any) -> list:
+    return []
+
+
+def _page_floor_one_low(offset: int) -> int:
+    return max(0, (offset // evict.TRIM_PAGE - 1) * evict.TRIM_PAGE)
+
+
+def _stops_one_late(self: SnapshotSchedule, start: int, end: int) -> range:
+    if self.interval <= 0:
+        return range(0)
+    return range((start // self.interval + 1) * self.interval + 1, end, self.interval)
+
+
+def _order_ignoring_depth(node):
+    return (node.last_used, 0, -node.snapshot_bytes)
+
+
+def _ideal_cached_uncapped(self: ideal.IdealPrefixes, prompt):
+    from kvtrie.core.trie import match
+
+    return match(self.root, prompt)[1]
+
+
+def _ideal_insert_short(original: Callable) -> Callable:
+    def insert(self, tokens):
+        original(self, tokens[:-1])
+
+    return insert
+
+
+def _ideal_peer_counts_itself(self: peers.Ideal, prompt, evaluated):
+    self.trie.insert(evaluated)
+    return self.trie.cached(prompt)
+
+
+def _ratio_over_computed(part: float, whole: float) -> float:
+    return part / (whole + 1) if whole else 0.0
+
+
+def _kv_cut_one_late(original: Callable) -> Callable:
+    def cut(self, snapshot, cut, at):
+        return original(self, snapshot, min(cut + 1, snapshot.end - snapshot.start - 1), at)
+
+    return cut
+
+
+def _kv_join_drops_child(self, parent, child):
+    from kvtrie.backends.fake import KVSnapshot
+
+    return KVSnapshot(list(parent.segments), parent.start, self.spec, self.ledger)
+
+
+def _kv_load_one_short(original: Callable) -> Callable:
+    def load(self, snapshot, target):
+        ok = original(self, snapshot, target)
+        if ok and self._offset > snapshot.start:
+            self._offset -= 1  # the last position of the range is not restored
+        return ok
+
+    return load
+
+
+def _free_keeping(cls: type, field: str) -> Callable:
+    """``free`` that clears the layer but leaves ``field`` (its offset, a state) behind."""
+    original = cls.free
+
+    def free(self):
+        kept = getattr(self, field)
+        original(self)
+        setattr(self, field, kept)
+
+    return free
+
+
+def _whole_state_merge_keeps_parent(self, parent, child):
+    if child is not None:
+        child.close()
+    return parent
+
+
+def _window_load_ignores_checksum(self, snapshot, target):
+    self._kept = snapshot.window.copy()
+    self._offset = snapshot.end
+    if target < self._offset:
+        self._rewind(target)
+    return True
+
+
+def _state_load_ignores_checksum(self, snapshot, target):
+    self._state = snapshot.state
+    self._offset = snapshot.end
+    return True
+
+
+def _mlx_patches(build: Callable[[Any], list[tuple[Any, str, Any]]]) -> Callable[[], list]:
+    """Patches of the MLX adapters, imported only when the mutant is applied (mlx is heavy)."""
+
+    def patches() -> list[tuple[Any, str, Any]]:
+        from kvtrie.backends.mlx import adapters
+
+        return build(adapters)
+
+    return patches
+
+
+def _mlx_cut_one_short(adapters: Any) -> list:
+    original = adapters.MLXKVLayer._cut
+
+    def cut(self, snapshot, cut, at):
+        head, tail = original(self, snapshot, cut, at)
+        keys, values = head.arrays
+        head.arrays = (keys[..., :-1, :] * 1, values[..., :-1, :] * 1) if cut > 1 else head.arrays
+        return head, tail
+
+    return [(adapters.MLXKVLayer, "_cut", cut)]
+
+
+def _mlx_free_keeps_offset(adapters: Any) -> list:
+    def free(self) -> None:
+        self.cache.keys = self.cache.values = None  # the offset is left where it was
+
+    return [(adapters.MLXKVLayer, "free", free)]
+
+
+def _mlx_rotating_trims_anywhere(adapters: Any) -> list:
+    def can_restore(self, snapshot, target):
+        if snapshot is None:
+            return 0 <= target <= self.cache.offset
+        return 0 <= target <= snapshot.end
+
+    return [(adapters.MLXRotatingLayer, "can_restore", can_restore)]
+
+
+def _mlx_recurrent_free_keeps_state(adapters: Any) -> list:
+    def free(self):
+        self._offset = 0  # the arrays still hold the last state
+
+    return [(adapters.MLXRecurrentLayer, "free", free)]
+
+
 MUTANTS: dict[str, Mutant] = {
     m.name: m
     for m in [
@@ -173,6 +346,7 @@ MUTANTS: dict[str, Mutant] = {
             "split-shares-recurrent-state",
             "a recurrent state split into both halves",
             lambda: [(FakeRecurrentCache, "split", lambda self, snap, at: (snap, snap))],
+            area="fake",
         ),
         Mutant(
             "merge-double-counts-bytes",
@@ -192,6 +366,7 @@ MUTANTS: dict[str, Mutant] = {
             "merge-closes-twice",
             "a merged snapshot unpinned twice",
             lambda: [(FakeKVCache, "merge", _wrap(FakeKVCache.merge, _close_parent_again))],
+            area="fake",
         ),
         Mutant(
             "recurrent-rewinds",
@@ -200,11 +375,13 @@ MUTANTS: dict[str, Mutant] = {
                 (FakeRecurrentCache, "can_restore", _recurrent_can_rewind),
                 (FakeRecurrentCache, "_rewind", _recurrent_rewind),
             ],
+            area="fake",
         ),
         Mutant(
             "rotating-restore-beyond-window",
             "a sliding-window layer restored to a point its window no longer covers",
             lambda: [(FakeRotatingCache, "can_restore", _window_clamps_anywhere)],
+            area="fake",
         ),
         Mutant(
             "page-out-before-evicting",
@@ -215,6 +392,252 @@ MUTANTS: dict[str, Mutant] = {
             "snapshot-shares-live-buffer",
             "a snapshot that is a view of the live buffer, corrupted by later writes",
             lambda: [(FakeKVCache, "snapshot", _snapshot_sharing_live_buffer)],
+            area="fake",
+        ),
+        # strategies: each choice off, or off by a page or a node; they only lose reuse
+        Mutant(
+            "page-floor-one-page-low",
+            "trimming and whole-page cuts land one page below the boundary they should",
+            lambda: [
+                (evict, "page_floor", _page_floor_one_low),
+            ],
+            area="strategies",
+        ),
+        Mutant(
+            "trim-drops-whole-leaves",
+            "a leaf over budget is evicted whole instead of trimmed by pages",
+            lambda: [(Evictor, "trim_leaf", _never)],
+            area="strategies",
+        ),
+        Mutant(
+            "partial-edges-ignored",
+            "a match inside an edge backs up to the edge's start on attention models",
+            lambda: [(PartialEdges, "applies", _never)],
+            area="strategies",
+        ),
+        Mutant(
+            "restore-points-dropped-on-extend",
+            "extending a leaf drops its snapshots in the improved policy too",
+            lambda: [(KeepRestorePoints, "applies", _never)],
+            area="strategies",
+        ),
+        Mutant(
+            "page-in-copies",
+            "page-ins copy snapshots under a budget, holding the live path twice",
+            lambda: [(PageInMoves, "applies", _never)],
+            area="strategies",
+        ),
+        Mutant(
+            "whole-pages-ignored",
+            "a leaf paged out over budget keeps its sub-page tail",
+            lambda: [(WholePagesUnderPressure, "applies", _never)],
+            area="strategies",
+        ),
+        Mutant(
+            "lone-children-never-merged",
+            "the seed's merge of a parent left with one child never happens",
+            lambda: [(MergeLoneChildren, "applies", _never)],
+            area="strategies",
+        ),
+        Mutant(
+            "snapshot-interval-one-late",
+            "interval snapshots one token past every K",
+            lambda: [(SnapshotSchedule, "stops", _stops_one_late)],
+            area="strategies",
+        ),
+        # fake backend: each layer kind's split, merge, restore and free
+        Mutant(
+            "kv-split-one-late",
+            "an attention snapshot split one position past the node boundary",
+            lambda: [(FakeKVCache, "_cut", _kv_cut_one_late(FakeKVCache._cut))],
+            area="fake",
+        ),
+        Mutant(
+            "kv-merge-drops-child",
+            "an attention merge keeps the parent's range only",
+            lambda: [(FakeKVCache, "_join", _kv_join_drops_child)],
+            area="fake",
+        ),
+        Mutant(
+            "kv-restore-one-short",
+            "an attention restore leaves the range's last position out",
+            lambda: [(FakeKVCache, "_load", _kv_load_one_short(FakeKVCache._load))],
+            area="fake",
+        ),
+        Mutant(
+            "kv-free-keeps-offset",
+            "a freed attention layer keeps its offset",
+            lambda: [(FakeKVCache, "free", _free_keeping(FakeKVCache, "_offset"))],
+            area="fake",
+        ),
+        Mutant(
+            "window-merge-keeps-parent",
+            "a sliding-window or recurrent merge keeps the earlier state",
+            lambda: [(FakeRotatingCache, "merge", _whole_state_merge_keeps_parent)],
+            area="fake",
+        ),
+        Mutant(
+            "window-free-keeps-window",
+            "a freed sliding-window layer keeps its window",
+            lambda: [(FakeRotatingCache, "free", _free_keeping(FakeRotatingCache, "_kept"))],
+            area="fake",
+        ),
+        Mutant(
+            "window-restore-ignores-checksum",
+            "a corrupt sliding-window snapshot is restored",
+            lambda: [(FakeRotatingCache, "_load", _window_load_ignores_checksum)],
+            area="fake",
+        ),
+        Mutant(
+            "recurrent-free-keeps-state",
+            "a freed recurrent layer keeps its state",
+            lambda: [(FakeRecurrentCache, "free", _free_keeping(FakeRecurrentCache, "_state"))],
+            area="fake",
+        ),
+        Mutant(
+            "recurrent-restore-ignores-checksum",
+            "a corrupt recurrent snapshot is restored",
+            lambda: [(FakeRecurrentCache, "_load", _state_load_ignores_checksum)],
+            area="fake",
+        ),
+        # MLX adapters: the same operations on mlx-lm's cache objects
+        Mutant(
+            "mlx-kv-split-one-short",
+            "an mlx attention split's head loses its last position",
+            _mlx_patches(_mlx_cut_one_short),
+            area="mlx",
+        ),
+        Mutant(
+            "mlx-kv-free-keeps-offset",
+            "a freed mlx attention layer keeps its offset",
+            _mlx_patches(_mlx_free_keeps_offset),
+            area="mlx",
+        ),
+        Mutant(
+            "mlx-window-trims-anywhere",
+            "an mlx sliding-window layer trimmed after positions rotated out",
+            _mlx_patches(_mlx_rotating_trims_anywhere),
+            area="mlx",
+        ),
+        Mutant(
+            "mlx-recurrent-free-keeps-state",
+            "a freed mlx recurrent layer keeps its arrays",
+            _mlx_patches(_mlx_recurrent_free_keeps_state),
+            area="mlx",
+        ),
+        # the checker: each check weakened to pass what it must report
+        *[
+            Mutant(
+                f"weak-{name}",
+                f"the {what} reports nothing",
+                (lambda t=target, a=attr, r=repl: [(t, a, r)]),
+                area="checker",
+            )
+            for name, what, target, attr, repl in [
+                (
+                    "node-check",
+                    "per-node check (I1, I2, I5, I10)",
+                    invariants,
+                    "_check_node",
+                    lambda node, layers, out: node.snapshot_bytes,
+                ),
+                ("root-check", "root check (I2)", invariants, "_check_root", _passes),
+                (
+                    "active-path-check",
+                    "active-path check (I3, I7)",
+                    invariants,
+                    "_check_active_path",
+                    _passes,
+                ),
+                ("live-check", "live-state check (I4)", invariants, "_check_live", _passes),
+                ("lru-check", "LRU refresh check", invariants, "_check_used", _passes),
+                ("budget-check", "budget check (I6)", invariants, "_check_budget", _passes),
+                (
+                    "accounting-check",
+                    "totals check (I12)",
+                    invariants,
+                    "_check_accounting",
+                    _passes,
+                ),
+                ("tally-check", "byte ledger check (I5)", invariants, "_check_tally", _passes),
+                (
+                    "request-check",
+                    "per-request check (I8, I12)",
+                    invariants,
+                    "check_request",
+                    _no_violations,
+                ),
+                (
+                    "ceiling-audit",
+                    "page-out ceiling audit (I6)",
+                    invariants.EvictionAudit,
+                    "paged_out",
+                    _passes,
+                ),
+                (
+                    "eviction-audit",
+                    "eviction audit (I7, order)",
+                    invariants.EvictionAudit,
+                    "evicting",
+                    _passes,
+                ),
+                (
+                    "oracle",
+                    "fresh-prefill oracle after begin (I9)",
+                    FakeBackend,
+                    "mismatch",
+                    _passes,
+                ),
+                (
+                    "prefill-oracle",
+                    "fresh-prefill oracle after prefill (I9)",
+                    FakeBackend,
+                    "logits_mismatch",
+                    _passes,
+                ),
+                ("leak-tracker", "snapshot leak tracker (I5)", FakeBackend, "unaccounted", _passes),
+                (
+                    "fault-check",
+                    "restore-failure check (I11)",
+                    RequestRunner,
+                    "unexplained_restore_failures",
+                    _no_violations,
+                ),
+                ("reuse-check", "reuse check", RequestRunner, "must_lose_nothing", _never),
+            ]
+        ],
+        Mutant(
+            "eviction-audit-ignores-depth",
+            "the eviction audit's order compares age and size, not depth",
+            lambda: [(invariants, "_order_key", _order_ignoring_depth)],
+            area="checker",
+        ),
+        # the replayer: its counters and the infinite-cache bound
+        Mutant(
+            "ideal-without-one-token-rule",
+            "the ideal counts a fully matched prompt as all cached",
+            lambda: [(ideal.IdealPrefixes, "cached", _ideal_cached_uncapped)],
+            area="replayer",
+        ),
+        Mutant(
+            "ideal-remembers-one-short",
+            "the ideal forgets each evaluated sequence's last token",
+            lambda: [
+                (ideal.IdealPrefixes, "insert", _ideal_insert_short(ideal.IdealPrefixes.insert))
+            ],
+            area="replayer",
+        ),
+        Mutant(
+            "ideal-peer-counts-itself",
+            "the sweep's ideal peer inserts a request before matching it",
+            lambda: [(peers.Ideal, "serve", _ideal_peer_counts_itself)],
+            area="replayer",
+        ),
+        Mutant(
+            "report-ratios-off",
+            "the report's ratios divide by one token too many",
+            lambda: [(report, "_ratio", _ratio_over_computed)],
+            area="replayer",
         ),
     ]
 }

@@ -14,7 +14,6 @@ from kvtrie.core.invariants import Violation
 from kvtrie.core.prefix_cache import PrefixCache
 from kvtrie.core.render import render_trie
 
-from .ideal import IdealPrefixes
 from .runner import CheckMode, RequestRunner
 from .traces import Event, Trace, resolve_prompt
 
@@ -67,7 +66,6 @@ def replay(
     ``keep_going``."""
     requests = trace.requests[:limit] if limit is not None else trace.requests
     runner = RequestRunner(backend, cache, mode)
-    ideal = IdealPrefixes()
     history: dict[str, np.ndarray] = {}
     outcome = ReplayOutcome()
     started = time.perf_counter()
@@ -96,7 +94,6 @@ def replay(
             stopped = True
             break
         prompt = resolve_prompt(request, history, backend.vocab_size)
-        outcome.ideal_cached_tokens += ideal.cached(prompt)
         try:
             result = runner.run(prompt, request.outputs, request.user_snapshots)
         except (AssertionError, ValueError) as exc:
@@ -107,7 +104,7 @@ def replay(
             break
         outcome.requests += 1
         outcome.output_tokens += len(result.outputs)
-        ideal.insert(np.concatenate([prompt, result.outputs[:-1]]))
+        outcome.ideal_cached_tokens += result.ideal_cached
         if request.id in trace.referenced:
             history[request.id] = np.concatenate([prompt, result.outputs])
         budget = cache.budget_bytes

@@ -46,6 +46,8 @@ def build_report(
         "hit_ratio": _ratio(stats.cached_tokens, stats.prompt_tokens),
         "ideal_cached_tokens": outcome.ideal_cached_tokens,
         "ideal_hit_ratio": _ratio(outcome.ideal_cached_tokens, stats.prompt_tokens),
+        # what the budget and the policy cost against an infinite cache
+        "reuse_lost": outcome.ideal_cached_tokens - stats.cached_tokens,
         "violations": [v.as_dict() for v in outcome.violations],
         "stopped_early": outcome.stopped_early,
         "budget_bytes": cache.budget_bytes,
@@ -81,7 +83,8 @@ def text_summary(report: dict[str, Any]) -> str:
         f"policy={report['policy']} budget={'inf' if budget is None else format_bytes(budget)}",
         f"tokens    prompt={report['prompt_tokens']:,} cached={report['cached_tokens']:,} "
         f"computed={report['computed_tokens']:,}",
-        f"hit ratio {report['hit_ratio']:.4f} (ideal {report['ideal_hit_ratio']:.4f})",
+        f"hit ratio {report['hit_ratio']:.4f} (ideal {report['ideal_hit_ratio']:.4f}, "
+        f"{report['reuse_lost']:,} tokens of reuse lost)",
         f"memory    peak paged out {format_bytes(report['peak_paged_out_bytes'])}; "
         f"evictions={report['evictions']} page_ins={report['page_ins']} "
         f"page_outs={report['page_outs']} splits={report['splits']} merges={report['merges']} "

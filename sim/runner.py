@@ -1,7 +1,9 @@
 """Runs one request through the cache on a backend and checks it: the loop a server runs.
 
 begin -> (oracle on the restored prefix) -> prefill the rest -> produce the outputs -> close ->
-(structural invariants).
+(structural invariants). Beside the cache it keeps the infinite cache's count of what each
+request could reuse (:class:`~kvtrie.sim.ideal.IdealPrefixes`): the replay reports it, and
+the reuse check compares the cache with it where the cache must lose nothing.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import numpy as np
 from kvtrie.backends.base import Backend
 from kvtrie.core.invariants import Checker, Violation, check
 from kvtrie.core.prefix_cache import PrefixCache, RequestAccount, Session
+from kvtrie.core.protocols import LayerKind
 from kvtrie.core.trie import as_tokens
 
+from .ideal import IdealPrefixes
 from .traces import Event
 
 __all__ = ["CheckMode", "RequestResult", "RequestRunner"]
@@ -54,6 +58,7 @@ class CheckMode:
 class RequestResult:
     account: RequestAccount
     outputs: np.ndarray
+    ideal_cached: int = 0  # what an infinite cache would have reused of this prompt
     violations: list[Violation] = field(default_factory=list)
 
 
@@ -71,18 +76,37 @@ class RequestRunner:
         self.mode = mode or CheckMode()
         self.checker = Checker(cache, self.mode.full) if self.mode.every else None
         self.index = 0
+        self.ideal = IdealPrefixes()
+        # nothing evicted and no fault injected yet: see :meth:`must_lose_nothing`
+        self.pristine = cache.budget_bytes is None
+
+    def must_lose_nothing(self) -> bool:
+        """Whether this cache must reuse exactly what an infinite cache would: unbounded since
+        it was built (nothing evicted), no fault injected, attention layers only and partial
+        edges on (every other policy reuses less by design: the seed backs up to a node's
+        start, a recurrent layer only restores at a snapshot)."""
+        cache = self.cache
+        return (
+            self.pristine
+            and cache.budget_bytes is None
+            and cache.policy.partial_edges.on
+            and all(layer.kind is LayerKind.KV for layer in cache.layers)
+        )
 
     def apply(self, event: Event) -> list[Violation]:
         """Apply a trace event (budget change, injected fault) and check what it caused."""
         if event.kind == "budget":
+            self.pristine = self.pristine and event.budget_bytes is None
             self.cache.set_budget(event.budget_bytes)
         elif event.kind == "fail_restores":
+            self.pristine = False
             self.backend.faults.fail_next_restores(event.count)
         else:
+            self.pristine = False
             for node in self.cache.nodes():
                 if (node.start, node.end) == (event.start, event.end):
-                    for snap in node.snapshots or []:
-                        if snap is not None:
+                    for index, snap in enumerate(node.snapshots or []):
+                        if snap is not None and event.layer in (None, index):
                             self.backend.faults.corrupt(snap)
         return self._structural(None) if self.mode.every else []
 
@@ -96,10 +120,21 @@ class RequestRunner:
         checking = self.mode.due(self.index)
         self.index += 1
         layers = self.cache.layers
+        lossless = self.must_lose_nothing()
         session = self.cache.begin(prompt)
+        ideal = self.ideal.cached(session.prompt)
         violations: list[Violation] = []
         if checking:
             violations += self._structural(session)
+            if lossless and session.cached_tokens != ideal:
+                violations.append(
+                    Violation(
+                        "REUSE",
+                        f"reused {session.cached_tokens} of {len(session.prompt)} prompt tokens "
+                        f"where an infinite cache reuses {ideal} (policy {self.cache.policy.name}"
+                        ", attention only, nothing evicted, no fault)",
+                    )
+                )
             why = self.backend.mismatch(layers, session.prompt[: session.cached_tokens])
             if why is not None:
                 violations.append(Violation("I9", f"after begin: {why}"))
@@ -115,18 +150,25 @@ class RequestRunner:
             if len(produced) > 1:
                 self.backend.evaluate(layers, produced[:-1])
         session.close(produced)
+        self.ideal.insert(np.concatenate([session.prompt, produced[:-1]]))
         if checking:
             violations += self._structural(session)
-            faults = self.backend.faults
-            failures = self.cache.stats.restore_failures
-            if not faults.corruptions and failures > faults.injected:
-                violations.append(
-                    Violation(
-                        "I11",
-                        f"{failures} restores failed, only {faults.injected} failures were injected",
-                    )
+            violations += self.unexplained_restore_failures()
+        return RequestResult(session.account, produced, ideal, violations)
+
+    def unexplained_restore_failures(self) -> list[Violation]:
+        """I11: a restore may fail only where a fault was injected (a corrupt snapshot makes
+        failures this count can't predict, so then it says nothing)."""
+        faults = self.backend.faults
+        failures = self.cache.stats.restore_failures
+        if not faults.corruptions and failures > faults.injected:
+            return [
+                Violation(
+                    "I11",
+                    f"{failures} restores failed, only {faults.injected} failures were injected",
                 )
-        return RequestResult(session.account, produced, violations)
+            ]
+        return []
 
     def _structural(self, session: Session | None) -> list[Violation]:
         assert self.checker is not None

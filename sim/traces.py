@@ -80,13 +80,17 @@ class Event:
     count: int = 0
     start: int = 0
     end: int = 0
+    layer: int | None = None  # corrupt: only this layer's snapshot (None: every layer's)
 
     def as_line(self) -> dict[str, Any]:
         if self.kind == "budget":
             return {"event": "budget", "budget_bytes": self.budget_bytes}
         if self.kind == "fail_restores":
             return {"event": "fail_restores", "count": self.count}
-        return {"event": "corrupt", "start": self.start, "end": self.end}
+        line: dict[str, Any] = {"event": "corrupt", "start": self.start, "end": self.end}
+        if self.layer is not None:
+            line["layer"] = self.layer
+        return line
 
 
 @dataclass
@@ -317,7 +321,10 @@ def _parse_event(path: Path, number: int, obj: dict[str, Any]) -> Event:
         return Event(kind, number, count=_int(obj.get("count"), "count", path, number, 1))
     start = _int(obj.get("start"), "start", path, number)
     end = _int(obj.get("end"), "end", path, number, minimum=start + 1)
-    return Event(kind, number, start=start, end=end)
+    layer = obj.get("layer")
+    if layer is not None:
+        layer = _int(layer, "layer", path, number)
+    return Event(kind, number, start=start, end=end, layer=layer)
 
 
 def _parse_mooncake(path: Path, lines: list[tuple[int, dict]]) -> Trace:

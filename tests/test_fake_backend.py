@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvtrie.backends.contract import LayerContract
+from kvtrie.backends.contract import FakeContract
 from kvtrie.backends.fake import FakeBackend, prefix_hashes
 from kvtrie.backends.profiles import get_profile
 from kvtrie.core.protocols import LayerKind
@@ -18,16 +18,8 @@ def backend():
     return FakeBackend(get_profile("tiny-mixed"))
 
 
-class TestFakeLayerContract(LayerContract):
+class TestFakeLayerContract(FakeContract):
     """The shared layer contract on tiny-mixed (attention, sliding window 8, recurrent)."""
-
-    def layers_with(self, kind):
-        backend = FakeBackend(get_profile("tiny-mixed"))
-        layers = backend.new_layers()
-        return backend, layers, next(layer for layer in layers if layer.kind is kind)
-
-    def state(self, layer):
-        return layer.state()
 
     def test_snapshots_are_counted_in_the_ledger(self):
         backend, _, kv = self.layers_with(LayerKind.KV)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvtrie.backends.contract import LayerContract
 from kvtrie.backends.mlx import LOGIT_TOLERANCE, TINY_MODELS, MLXBackend
+from kvtrie.backends.mlx.contract import MLXContract
 from kvtrie.core import PrefixCache, check
 from kvtrie.core.prefix_cache import POLICIES
 from kvtrie.core.protocols import LayerKind
@@ -26,31 +26,8 @@ def backend(request):
     return MLXBackend.from_name(request.param)
 
 
-_CONTRACT_MODELS = {
-    LayerKind.KV: "tiny-attention",
-    LayerKind.ROTATING: "tiny-swa",  # sliding window 8
-    LayerKind.RECURRENT: "tiny-hybrid",
-}
-
-
-class TestMLXLayerContract(LayerContract):
+class TestMLXLayerContract(MLXContract):
     """The shared layer contract on mlx-lm's own caches: one tiny model per layer kind."""
-
-    backends: dict = {}
-
-    def layers_with(self, kind):
-        name = _CONTRACT_MODELS[kind]
-        if name not in self.backends:
-            self.backends[name] = MLXBackend.from_name(name)
-        backend = self.backends[name]
-        backend.faults = type(backend.faults)()
-        layers = backend.new_layers()
-        return backend, layers, next(layer for layer in layers if layer.kind is kind)
-
-    def state(self, layer):
-        from kvtrie.backends.mlx.adapters import state_arrays
-
-        return tuple(np.array(a) for a in state_arrays(layer))
 
 
 class MLXRig:

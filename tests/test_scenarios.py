@@ -253,9 +253,11 @@ def test_improved_policy_evicts_only_the_tail_pages_of_a_long_leaf(rig):
     r.run(long)
     r.run([500])
     assert r.cache.paged_out_bytes == 100 * 16
-    r.cache.set_budget(100 * 16 - 20 * 16)  # 20 tokens too many: two pages go
-    assert r.node_ranges() == [(0, 1), (0, 68)]
-    assert r.cache.paged_out_bytes == 68 * 16
+    # 20 tokens too many: the partial page [96, 100) and the page [80, 96) go (pages are
+    # absolute positions)
+    r.cache.set_budget(100 * 16 - 20 * 16)
+    assert r.node_ranges() == [(0, 1), (0, 80)]
+    assert r.cache.paged_out_bytes == 80 * 16
     assert r.run(long[:68] + [7]).cached_tokens == 68  # the kept prefix still restores
 
 

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from ..mutants import AREAS
 from . import EXIT_OK, EXIT_VIOLATION, MUTATION_KILL_TARGET, UsageError, common_options, positive
 
 
@@ -18,8 +19,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "branch prefixes, budget changes down to zero, injected restore failures and corrupt "
         "snapshots, checking every invariant and the fresh-prefill oracle after every step. A "
         "failure is shrunk and written as a kvtrie trace that kvtrie replay reproduces. "
-        "--mutants all runs the same fuzzer against each named mutant of the cache and "
-        "prints which it kills. Exit 1 on a failure (or a kill rate under 90%), 2 on bad input.",
+        "--mutants all is the mutation check: each named mutant (of the core, the strategies, "
+        "both backends, the checker and the replayer) faces the self-tests, then the fuzzer; "
+        "a fuzzer kill counts only if its shrunk trace fails on the mutant and replays clean on "
+        "the real code, and a Hypothesis error is an error, not a kill. Exit 1 on a failure, an "
+        "error, or an area's kill rate under 90%; 2 on bad input.",
     )
     fuzz.add_argument("--backend", choices=["fake", "mlx"], default="fake")
     fuzz.add_argument(
@@ -43,8 +47,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="random seed (default: derandomized, the same run every time)",
     )
     group = fuzz.add_mutually_exclusive_group()
-    group.add_argument("--mutant", default=None, help="fuzz one named mutant of the cache")
-    group.add_argument("--mutants", choices=["all"], default=None, help="fuzz every mutant")
+    group.add_argument(
+        "--mutant",
+        default=None,
+        help="fuzz one named mutant; a kill is confirmed by replaying the shrunk trace",
+    )
+    group.add_argument(
+        "--mutants",
+        choices=["all", *AREAS],
+        default=None,
+        help="the mutation check: every mutant (all) or one area's",
+    )
     fuzz.add_argument(
         "--time-limit",
         type=float,
@@ -82,7 +95,10 @@ def run(args: argparse.Namespace) -> int:
     from ..report import report_json
 
     fake_examples, mlx_examples, steps = PROFILES[args.profile]
-    names = list(MUTANTS) if args.mutants == "all" else [args.mutant]
+    if args.mutants is None:
+        names = [args.mutant]
+    else:
+        names = [n for n, m in MUTANTS.items() if args.mutants in ("all", m.area)]
     mutation = names != [None]
     out = args.out or Path("fuzz-mutants" if mutation else "tests/regressions")
     try:
@@ -134,38 +150,71 @@ def run(args: argparse.Namespace) -> int:
             failures=1 if result.failure else 0,
             regression_traces=[result.regression_trace] if result.regression_trace else [],
         )
-        code = EXIT_VIOLATION if result.failure else EXIT_OK
+        if result.error:
+            print(f"ERROR: Hypothesis could not run the fuzzer: {result.error}")
+        report["error"] = result.error
+        code = EXIT_VIOLATION if result.failure or result.error else EXIT_OK
     else:
-        rows = []
-        print(f"{'mutant':32} {'result':9} {'seconds':>8} {'shrunk requests':>16}")
-        for name in names:
-            result = run_fuzz(replace(base, mutant=name))
-            killed = result.failure is not None
-            rows.append(
-                {
-                    "name": name,
-                    "killed": killed,
-                    "seconds": round(result.seconds, 2),
-                    "shrunk_requests": result.shrunk_requests,
-                    "failure": result.failure,
-                    "regression_trace": result.regression_trace,
-                }
-            )
-            print(
-                f"{name:32} {'killed' if killed else 'SURVIVED':9} {result.seconds:8.1f} "
-                f"{result.shrunk_requests if killed else '-':>16}"
-            )
-        kill_rate = sum(r["killed"] for r in rows) / len(rows)
-        print(f"kill rate {kill_rate:.0%} ({sum(r['killed'] for r in rows)}/{len(rows)})")
-        report.update(
-            examples=base.examples,
-            steps=base.steps,
-            failures=0,
-            mutants=rows,
-            kill_rate=kill_rate,
-            regression_traces=[r["regression_trace"] for r in rows if r["regression_trace"]],
-        )
-        code = EXIT_OK if kill_rate >= MUTATION_KILL_TARGET else EXIT_VIOLATION
+        configs = {
+            "fake": replace(base, backend="fake", examples=args.examples or fake_examples),
+            "mlx": replace(base, backend="mlx", examples=args.examples or mlx_examples),
+        }
+        # --mutant NAME fuzzes that mutant; --mutants runs the whole mutation check
+        code = _mutation_check(names, configs, report, selftests=args.mutants is not None)
     if args.report:
         write_output(args.report, report_json(report))
     return code
+
+
+def _mutation_check(names: list[str], configs: dict, report: dict, selftests: bool) -> int:
+    """Every mutant against the self-tests (``selftests``), then the fuzzer; a table by area,
+    and the exit code: 1 when any area's kill rate is under the target or any mutant ended in
+    an error."""
+    from .. import selfcheck
+    from ..mutation import check_mutant
+
+    unsound = selfcheck.failures() if selftests else []
+    if unsound:  # a self-test failing on the real code would "kill" every mutant
+        print(f"ERROR: the self-tests fail on the real code: {unsound[0]}")
+        report.update(mutants=[], errors=len(names), self_tests_failing=unsound)
+        return EXIT_VIOLATION
+    rows = []
+    print(f"{'mutant':38} {'area':10} {'verdict':8} {'seconds':>8}  killed by")
+    for name in names:
+        verdict = check_mutant(name, configs, selftests)
+        rows.append(verdict.as_dict())
+        why = verdict.killed_by or verdict.detail or "-"
+        print(f"{name:38} {verdict.area:10} {verdict.verdict:8} {verdict.seconds:8.1f}  {why[:70]}")
+    areas = {}
+    for area in AREAS:
+        mine = [r for r in rows if r["area"] == area]
+        if mine:
+            killed = sum(r["verdict"] == "killed" for r in mine)
+            errors = sum(r["verdict"] == "error" for r in mine)
+            areas[area] = {
+                "mutants": len(mine),
+                "killed": killed,
+                "errors": errors,
+                "survived": len(mine) - killed - errors,
+                "kill_rate": killed / len(mine),
+            }
+            print(
+                f"{area:10} {killed}/{len(mine)} killed ({killed / len(mine):.0%}), "
+                f"{errors} errors, {len(mine) - killed - errors} survived"
+            )
+    killed = sum(r["verdict"] == "killed" for r in rows)
+    errors = sum(r["verdict"] == "error" for r in rows)
+    kill_rate = killed / len(rows)
+    print(f"kill rate {kill_rate:.0%} ({killed}/{len(rows)}), {errors} errors")
+    report.update(
+        examples={backend: config.examples for backend, config in configs.items()},
+        steps=configs["fake"].steps,
+        failures=0,
+        mutants=rows,
+        areas=areas,
+        kill_rate=kill_rate,
+        errors=errors,
+        regression_traces=[r["regression_trace"] for r in rows if r["regression_trace"]],
+    )
+    low = [a for a, stats in areas.items() if stats["kill_rate"] < MUTATION_KILL_TARGET]
+    return EXIT_VIOLATION if errors or low else EXIT_OK
