@@ -110,6 +110,7 @@ class PrefixCache:
         self.evictor = Evictor(self)
         self.evictor.budget_changed()
         self._session: Session | None = None
+        self._points: set[int] = set()  # nodes the open request took snapshots of, by id
 
     def set_budget(self, budget_bytes: int | None) -> None:
         """Change the budget (None: unbounded) and evict down to it at once."""
@@ -150,6 +151,7 @@ class PrefixCache:
             raise ValueError("a prompt needs at least one token")
         if self._session is not None:
             self._session.close(self._session.outputs)
+        self._points.clear()
         path, longest = match(self.root, tokens)
         path, matched = self.leave_one_token(tokens, path, longest)
         partial = len(path) > 1 and path[-1].start < matched < path[-1].end
@@ -413,13 +415,21 @@ class PrefixCache:
         dest = path[-1]
         rest = tokens[matched:]
         if len(rest):
-            if not dest.children and not dest.user and not self.policy.keep_restore_points.on:
+            if not dest.children and not dest.user and not self.keeps(dest):
                 dest.set_snapshots(None, self.ledger)  # so the leaf can be extended in place
             extended = append_tokens(dest, rest, self.ledger)
             if extended is not dest:
                 self.active_path.append(extended)
             dest = extended
         return dest
+
+    def keeps(self, leaf: Node) -> bool:
+        """Whether extending ``leaf`` keeps its snapshots (see
+        :class:`~kvtrie.core.policy.KeepRestorePoints`): every leaf's on an attention-only
+        model, else only a point this request took."""
+        if not self.policy.keep_restore_points.on:
+            return False
+        return self.attention_only or id(leaf) in self._points
 
     def snapshot_live(self, tokens: np.ndarray, user: bool) -> None:
         """Advance the trie to the live offset over ``tokens`` (the request's so far) and
@@ -440,6 +450,7 @@ class PrefixCache:
             self.release_live_path()  # the node boundary is what counts; leaving pages out
             return
         if self.attach_live_snapshots(frontier):
+            self._points.add(id(frontier))
             log.debug("snapshot offset=%d user=%s", offset, user)
 
     def finish(self, session: Session, tokens: np.ndarray) -> None:
@@ -464,6 +475,11 @@ class PrefixCache:
         if offset > frontier.end:
             self.advance(frontier, tokens[frontier.end : offset])
         self.mark_used(self.active_path)
+
+    def last_point(self, prompt_length: int) -> int:
+        """Where :class:`~kvtrie.core.policy.RestorePointBeforeLastToken` snapshots a prompt:
+        one token before its end, the most a repeat of it can reuse."""
+        return prompt_length - 1
 
     def mark_used(self, path: list[Node]) -> None:
         """Every node of the path was used now: LRU time is refreshed on all of them."""
@@ -537,6 +553,9 @@ class Session:
         if start <= self.snapshot_offset <= end:
             stops.add(self.snapshot_offset)
         stops.update(self.cache.policy.schedule.stops(start, end))
+        last = self.cache.last_point(len(self.prompt))
+        if self.cache.policy.last_token_restore_point.on and start < last <= end:
+            stops.add(last)
         stops.discard(0)
         result = None
         offset = start

@@ -156,6 +156,10 @@ def _page_floor_one_low(offset: int) -> int:
     return max(0, (offset // evict.TRIM_PAGE - 1) * evict.TRIM_PAGE)
 
 
+def _last_point_one_early(self: PrefixCache, prompt_length: int) -> int:
+    return prompt_length - 2
+
+
 def _stops_one_late(self: SnapshotSchedule, start: int, end: int) -> range:
     if self.interval <= 0:
         return range(0)
@@ -437,6 +441,12 @@ MUTANTS: dict[str, Mutant] = {
             "lone-children-never-merged",
             "the seed's merge of a parent left with one child never happens",
             lambda: [(MergeLoneChildren, "applies", _never)],
+            area="strategies",
+        ),
+        Mutant(
+            "last-token-point-one-early",
+            "the restore point before the last prompt token is taken a token early",
+            lambda: [(PrefixCache, "last_point", _last_point_one_early)],
             area="strategies",
         ),
         Mutant(

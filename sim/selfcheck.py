@@ -1086,11 +1086,37 @@ def _strategy_cases() -> list[SelfCheck]:
             _leave_leaf(30),
             [(0, 1), (0, 1), (0, 5), (5, 37)],
         ),
-        # keep-restore-points: extending a paged-out leaf hangs a child under it
+        # keep-restore-points: extending a paged-out leaf hangs a child under it (attention
+        # only: a whole state per kept point cost more than it saved on the other kinds)
         outcome(
             "keep-restore-points",
             "kvtrie-improved",
-            ("attention", "mixed"),
+            ("attention",),
+            (PAGE, [99]),
+            lambda s: (s.serve(PAGE + [17, 18, 19]), s.ranges())[1],
+            [(0, 1), (0, 16), (16, 19)],
+        ),
+        outcome(
+            "extend-in-place-without-rewind",
+            "kvtrie-improved",
+            ("sliding", "recurrent", "mixed"),
+            (PAGE, [99]),
+            lambda s: (s.serve(PAGE + [17, 18, 19]), s.ranges())[1],
+            [(0, 1), (0, 19)],
+        ),
+        # the restore point before the last token stays when its request extends it
+        outcome(
+            "last-token-point-kept",
+            "kvtrie-improved,+last-token-restore-point",
+            ("recurrent", "mixed"),
+            (TWENTY, [99]),
+            lambda s: s.ranges(),
+            [(0, 1), (0, 19), (19, 20)],
+        ),
+        outcome(
+            "keep-restore-points-in-seed-too",
+            "kvtrie-seed,+keep-restore-points",
+            ("attention",),
             (PAGE, [99]),
             lambda s: (s.serve(PAGE + [17, 18, 19]), s.ranges())[1],
             [(0, 1), (0, 16), (16, 19)],
@@ -1132,6 +1158,24 @@ def _strategy_cases() -> list[SelfCheck]:
             base,
             _evict_oldest_leaf,
             [(0, 1), (0, 16), (16, 19)],
+        ),
+        # a regenerate (the same prompt again) on a model that can't rewind: all but one
+        # token with a restore point before the last prompt token, nothing without
+        outcome(
+            "last-token-restore-point",
+            "kvtrie-improved,+last-token-restore-point",
+            ("sliding", "recurrent", "mixed"),
+            (TWENTY,),
+            _cached(TWENTY),
+            19,
+        ),
+        outcome(
+            "no-last-token-point-in-improved",
+            "kvtrie-improved",
+            ("sliding", "recurrent", "mixed"),
+            (TWENTY,),
+            _cached(TWENTY),
+            0,
         ),
         # snapshot-interval=8: restore points at 8 and 16 inside a 20-token prefill (kept as
         # nodes by keep-restore-points; the seed extends each stop's leaf in place)

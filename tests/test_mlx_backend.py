@@ -133,6 +133,32 @@ def test_drop_in_prompt_cache_for_mlx_lm_generation(name):
     assert prompt_cache.cache.stats.cached_tokens >= 20
 
 
+@pytest.mark.parametrize(
+    ("policy", "reused"), [("improved", 0), ("improved,+last-token-restore-point", 21)]
+)
+def test_regenerate_on_a_hybrid_model_reuses_all_but_one_token_with_the_restore_point(
+    policy, reused
+):
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    from kvtrie.backends.mlx import MLXPromptCache, build_tiny_model
+    from kvtrie.core.policy import parse_policy
+
+    model = build_tiny_model("tiny-hybrid")
+    prompt_cache = MLXPromptCache(model, budget_bytes=None, policy=parse_policy(policy))
+    prompt = S + [1, 2]  # 22 tokens
+    fresh = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=3)]
+    for _ in range(2):  # the same prompt twice: a regenerate
+        caches, rest = prompt_cache.fetch(prompt)
+        out = [
+            t for t, _ in generate_step(mx.array(rest), model, max_tokens=3, prompt_cache=caches)
+        ]
+        prompt_cache.store(out)
+        assert out == fresh
+    assert prompt_cache.cache.stats.cached_tokens == reused
+
+
 @pytest.mark.parametrize("name", ["tiny-attention", "tiny-swa", "tiny-hybrid"])
 @pytest.mark.parametrize("wrong", [-1, +1])
 def test_store_with_a_wrong_count_is_an_error_and_nothing_wrong_is_served(name, wrong):

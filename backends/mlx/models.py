@@ -10,11 +10,20 @@ attention); the ``small-*`` ones are wider, for benchmarks. ``NAME@bfloat16`` (o
 from __future__ import annotations
 
 import importlib
+import json
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
-__all__ = ["TINY_DTYPES", "TINY_MODELS", "build_tiny_model", "tiny_model", "vocab_of"]
+__all__ = [
+    "save_model_directory",
+    "TINY_DTYPES",
+    "TINY_MODELS",
+    "build_tiny_model",
+    "tiny_model",
+    "vocab_of",
+]
 
 _VOCAB = 512
 TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -163,8 +172,45 @@ def build_tiny_model(name: str, seed: int = 0, dtype: str = "float32") -> Any:
     return model
 
 
+SPECIAL_TOKENS = ("<unk>", "<eos>", "<user>", "<assistant>", "<end>")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<' + m['role'] + '> ' + m['content'] + ' <end> ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}"
+)
+
+
+def save_model_directory(
+    name: str, path: Path | str, dtype: str = "float32", seed: int = 0
+) -> Path:
+    """Write a tiny model as a local model directory laid out like a hub download
+    (``config.json``, ``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json``),
+    with mlx-lm's own save utilities and an offline word-level tokenizer made with the
+    ``tokenizers`` package: the path a user's ``mlx_lm.load(DIR)`` takes, with no download.
+    The tokenizer's words are ``w5`` ... ``w{vocab-1}``, one id each, after five special
+    tokens, and it carries a chat template."""
+    from mlx_lm.utils import save_config, save_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    family, config = TINY_MODELS[name]
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out, build_tiny_model(name, seed, dtype))
+    save_config({**config, "model_type": family, "torch_dtype": dtype}, out / "config.json")
+    words = [*SPECIAL_TOKENS, *(f"w{i}" for i in range(len(SPECIAL_TOKENS), config["vocab_size"]))]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(out / "tokenizer.json"))
+    settings = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": "<unk>",
+        "eos_token": "<eos>",
+        "additional_special_tokens": list(SPECIAL_TOKENS[2:]),
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    return out
+
+
 def vocab_of(model: Any) -> int:
     args = getattr(model, "args", None)
     return int(getattr(args, "vocab_size", 0))
-
-
