@@ -106,6 +106,23 @@ def test_bundled_traces_replay_clean_on_every_layer_kind(tmp_path, name):
         assert report["hit_ratio"] <= report["ideal_hit_ratio"] + 1e-12
 
 
+@pytest.mark.parametrize("policy", ["kvtrie-seed", "kvtrie-improved"])
+def test_bundled_traces_replay_clean_with_all_three_layer_kinds_under_pressure(tmp_path, policy):
+    """A model with attention, sliding-window and recurrent layers, at a budget small enough
+    that whole-state layers are split, evicted and (in the seed) merged."""
+    totals = {"merges": 0, "splits": 0, "evictions": 0}
+    for name in sorted(set(BUNDLED) - {"mooncake"}):
+        code, report = run_replay(
+            tmp_path, name, "--model", "hybrid-all-kinds", "--budget", "1GiB", "--policy", policy
+        )
+        assert code == 0, report["violations"]
+        assert report["peak_paged_out_bytes"] <= 1 << 30
+        for key in totals:
+            totals[key] += report[key]
+    assert totals["splits"] and totals["evictions"]
+    assert totals["merges"] or policy == "kvtrie-improved"  # improved does not merge
+
+
 def test_incremental_and_full_checks_agree(tmp_path):
     _, every = run_replay(tmp_path, "rag", "--budget", "32MiB", "--check", "every")
     _, full = run_replay(tmp_path, "rag", "--budget", "32MiB", "--check", "full")
