@@ -482,7 +482,7 @@ MUTANTS: dict[str, Mutant] = {
         ),
         Mutant(
             "window-merge-keeps-parent",
-            "a sliding-window or recurrent merge keeps the earlier state",
+            "a sliding-window merge keeps the earlier state",
             lambda: [(FakeRotatingCache, "merge", _whole_state_merge_keeps_parent)],
             area="fake",
         ),
