@@ -75,18 +75,13 @@ def check_mutant(
     verdict = MutantVerdict(name, mutant.area, "survived")
     if selftests:
         with mutated(name):
-            failing = selfcheck.failures()
+            killer, failing = "self-test", selfcheck.failures()
             if not failing and mutant.area in ("fake", "mlx"):
-                failing = ["contract " + line for line in broken_promises(mutant.backend)]
+                killer, failing = "contract", broken_promises(mutant.backend)
         if failing:
             verdict.verdict = "killed"
-            first = failing[0]
-            verdict.killed_by = (
-                first.split(":", 1)[0]
-                if first.startswith("contract ")
-                else "self-test " + first.split(":", 1)[0]
-            )
-            verdict.detail = first
+            verdict.killed_by = f"{killer} {failing[0].split(':', 1)[0]}"
+            verdict.detail = failing[0]
             verdict.seconds = round(time.monotonic() - started, 2)
             return verdict
     config = replace(configs[mutant.backend], mutant=name, model=None)

@@ -969,6 +969,12 @@ def _moves(s: Scene) -> int:
     return s.cache.ledger.total
 
 
+def _extend_page_leaf(s: Scene) -> list[tuple[int, int]]:
+    """A request extending the paged-out leaf [0, 16) by three tokens; the trie after it."""
+    s.serve(PAGE + [17, 18, 19])
+    return s.ranges()
+
+
 def _evict_oldest_leaf(s: Scene) -> list[tuple[int, int]]:
     s.cache.set_budget(s.cache.ledger.total - 1)
     return s.ranges()
@@ -1093,7 +1099,7 @@ def _strategy_cases() -> list[SelfCheck]:
             "kvtrie-improved",
             ("attention",),
             (PAGE, [99]),
-            lambda s: (s.serve(PAGE + [17, 18, 19]), s.ranges())[1],
+            _extend_page_leaf,
             [(0, 1), (0, 16), (16, 19)],
         ),
         outcome(
@@ -1101,7 +1107,7 @@ def _strategy_cases() -> list[SelfCheck]:
             "kvtrie-improved",
             ("sliding", "recurrent", "mixed"),
             (PAGE, [99]),
-            lambda s: (s.serve(PAGE + [17, 18, 19]), s.ranges())[1],
+            _extend_page_leaf,
             [(0, 1), (0, 19)],
         ),
         # the restore point before the last token stays when its request extends it
@@ -1118,7 +1124,7 @@ def _strategy_cases() -> list[SelfCheck]:
             "kvtrie-seed,+keep-restore-points",
             ("attention",),
             (PAGE, [99]),
-            lambda s: (s.serve(PAGE + [17, 18, 19]), s.ranges())[1],
+            _extend_page_leaf,
             [(0, 1), (0, 16), (16, 19)],
         ),
         outcome(
@@ -1126,7 +1132,7 @@ def _strategy_cases() -> list[SelfCheck]:
             "kvtrie-seed",
             ("attention", "mixed"),
             (PAGE, [99]),
-            lambda s: (s.serve(PAGE + [17, 18, 19]), s.ranges())[1],
+            _extend_page_leaf,
             [(0, 1), (0, 19)],
         ),
         # page-in moves: with the path live, only [16, 19) (3 tokens) and [0, 1) stay paged out
