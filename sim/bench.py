@@ -7,6 +7,7 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,6 @@ import numpy as np
 from kvtrie.backends.fake import FakeBackend
 from kvtrie.backends.profiles import get_profile
 from kvtrie.core.prefix_cache import DEFAULT_BUDGET_BYTES, POLICIES, PrefixCache
-from kvtrie.traces import bundled_path
 
 from .build import make_cache
 from .replay import replay
@@ -33,11 +33,9 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def bench_replay(quick: bool = False) -> dict[str, Any]:
-    """The Mooncake conversation trace, fake llama-8b, infinite budget, improved policy,
-    incremental invariants and the oracle after every request."""
-    path = bundled_path("mooncake")
-    assert path is not None
+def bench_replay(path: Path, quick: bool = False) -> dict[str, Any]:
+    """The Mooncake conversation trace (at ``path``), fake llama-8b, infinite budget, improved
+    policy, incremental invariants and the oracle after every request."""
     backend = FakeBackend(get_profile("llama-8b"))
     trace = load_trace(path, vocab_size=backend.vocab_size)
     cache = make_cache(backend, None, POLICIES["kvtrie-improved"])

@@ -19,6 +19,7 @@ __all__ = [
     "make_cache",
     "make_policy",
     "parse_size",
+    "trace_inputs",
     "trace_path",
 ]
 
@@ -94,8 +95,9 @@ def make_cache(backend: Backend, budget: int | None, policy: CachePolicy) -> Pre
 
 
 def trace_path(text: str, root: Path | None = None) -> Path:
-    """A trace file path (relative to ``root`` when given and it exists there), or the name of
-    a bundled trace (``mooncake``, ``agent``, ...)."""
+    """A trace file or folder path (relative to ``root`` when given and it exists there), or
+    a trace name (``chat``, ``agent``, ``mooncake``, ...); a ValueError for a third-party
+    name that is not here, naming the command that gets it."""
     from kvtrie.traces import bundled_path
 
     if root is not None and (root / text).exists():
@@ -104,3 +106,9 @@ def trace_path(text: str, root: Path | None = None) -> Path:
     if path.exists():
         return path
     return bundled_path(text) or path
+
+
+def trace_inputs(path: Path) -> list[Path]:
+    """The files a trace reads: the file, or every file of a folder of agentic traces (an
+    output must not replace any of them)."""
+    return sorted(path.glob("*")) if path.is_dir() else [path]

@@ -20,11 +20,12 @@ from .commands import (
     gen,
     replay,
     sweep,
+    traces,
 )
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (replay, gen, sweep, gate, fuzz, bench)
+COMMANDS = (replay, gen, sweep, gate, fuzz, bench, traces)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -151,7 +151,11 @@ def _check_from(
         _check_model(check.backend, check.model, root)
     except ValueError as exc:
         raise fail("model", str(exc)) from None
-    if check.trace and not trace_path(check.trace, root).is_file():
+    try:
+        found = check.trace and trace_path(check.trace, root).exists()
+    except ValueError as exc:
+        raise fail("trace", str(exc)) from None
+    if check.trace and not found:
         raise fail("trace", f"no trace file or bundled trace named {check.trace!r}")
     return check
 

@@ -33,7 +33,12 @@ def build_report(
     evaluated = stats.computed_tokens + outcome.output_tokens
     return {
         "kvtrie_version": __version__,
-        "trace": {"path": trace.path, "sha256": trace.sha256, "format": trace.format},
+        "trace": {
+            "path": trace.path,
+            "sha256": trace.sha256,
+            "format": trace.format,
+            "reading": trace.reading,
+        },
         "backend": backend,
         "model": model,
         "policy": cache.policy.name,
@@ -74,11 +79,24 @@ def report_json(report: dict[str, Any]) -> str:
     return json.dumps(report, indent=2) + "\n"
 
 
+def _reading(reading: dict[str, Any]) -> str:
+    """How a hashed trace was read, for the summary: ``, 64-token blocks (floor), ...``."""
+    parts = []
+    if "block_size" in reading:
+        parts.append(f"{reading['block_size']}-token blocks")
+    if "block_convention" in reading:
+        parts.append(reading["block_convention"])
+    arrival = reading.get("arrival")
+    if arrival:
+        parts.append("arrivals " + ", ".join(f"{k}={v}" for k, v in arrival.items()))
+    return "".join(f", {part}" for part in parts)
+
+
 def text_summary(report: dict[str, Any]) -> str:
     budget = report["budget_bytes"]
     lines = [
         f"trace     {report['trace']['path']} ({report['trace']['format']}, "
-        f"{report['requests']} requests)",
+        f"{report['requests']} requests{_reading(report['trace'].get('reading', {}))})",
         f"cache     backend={report['backend']} model={report['model']} "
         f"policy={report['policy']} budget={'inf' if budget is None else format_bytes(budget)}",
         f"tokens    prompt={report['prompt_tokens']:,} cached={report['cached_tokens']:,} "

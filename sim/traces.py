@@ -1,10 +1,12 @@
-"""Trace formats: kvtrie JSONL and the Mooncake trace, read with errors that name file and line.
+"""Traces: the request stream the replayer reads, the kvtrie JSONL format, and the one place
+that picks a reader for a file (the hashed formats are in ``formats/``).
 
 A kvtrie trace (see ``traces/README.md``) is a header line, then one request a line. A prompt
 may start with the first ``prefix_length`` tokens of an earlier request's prompt and outputs
-(``prefix_of``), so a conversation's turns and branches stay small on disk. Mooncake lines
-(``timestamp``, ``input_length``, ``output_length``, ``hash_ids``) are detected automatically;
-each hash id expands to 512 deterministic tokens.
+(``prefix_of``), so a conversation's turns and branches stay small on disk. The published
+formats (Mooncake, Bailian, kv-cache-tester's agentic traces) give prompts as hash ids of
+token blocks; each id expands to a block of deterministic tokens, so equal ids give equal
+tokens and every reader feeds the replayer the same kind of request.
 """
 
 from __future__ import annotations
@@ -25,16 +27,22 @@ from .outputs import write_output
 
 __all__ = [
     "Event",
+    "FORMATS",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MOONCAKE_BLOCK",
+    "check_int",
     "expand_blocks",
+    "fail",
+    "ReadOptions",
     "Request",
     "Trace",
     "TraceError",
     "load_trace",
     "read_header",
+    "read_lines",
     "resolve_prompt",
+    "short",
     "trace_from_lines",
     "write_trace",
 ]
@@ -42,10 +50,10 @@ __all__ = [
 FORMAT_NAME = "kvtrie-trace"
 FORMAT_VERSION = 1
 MOONCAKE_BLOCK = 512
+FORMATS = ("auto", "kvtrie", "mooncake", "bailian", "agentic")
 # Longer than any model's context today (10 M tokens); a length past it is a broken trace, and
 # would take the replayer hours to expand or generate.
 MAX_REQUEST_TOKENS = 1 << 24
-MAX_HASH_ID = (1 << 63) // MOONCAKE_BLOCK  # ids expand to positions id * 512 + k in 64 bits
 # Header keys the replayer reads, and what each must be (others are kept and ignored).
 HEADER_TYPES: dict[str, tuple[type, ...]] = {
     "backend": (str,),
@@ -93,10 +101,44 @@ class Event:
         return line
 
 
+@dataclass(frozen=True)
+class ReadOptions:
+    """How to read a trace where its file does not say: the format (``auto`` detects it), the
+    tokens one hash id stands for and whether a partial last block has an id (``ceil``) or
+    not (``floor``), and when conversations of a conversation-per-file trace start (all at
+    once, ``sessions_per_hour`` by a seeded Poisson process, or ``concurrency`` at a time).
+    The report records the options used, so a replay can be repeated."""
+
+    format: str = "auto"
+    block_size: int | None = None
+    block_convention: str | None = None
+    sessions_per_hour: float | None = None
+    concurrency: int | None = None
+    arrival_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"--format: choose one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.block_size is not None and not 1 <= self.block_size <= 1 << 20:
+            raise ValueError(f"--block-size must be in [1, 1048576], got {self.block_size}")
+        if self.block_convention not in (None, "ceil", "floor"):
+            raise ValueError(
+                f"--block-convention: choose ceil or floor, got {self.block_convention!r}"
+            )
+        if self.sessions_per_hour is not None and not self.sessions_per_hour > 0:
+            raise ValueError(f"--sessions-per-hour must be > 0, got {self.sessions_per_hour}")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"--concurrency must be >= 1, got {self.concurrency}")
+        if self.sessions_per_hour is not None and self.concurrency is not None:
+            raise ValueError("give --sessions-per-hour or --concurrency, not both")
+
+
 @dataclass
 class Request:
     """One request: its prompt (own tokens, or a prefix of an earlier request plus tokens, or
-    Mooncake hash blocks) and its outputs (tokens, or a count to generate)."""
+    hash ids of ``block_size``-token blocks) and its outputs (tokens, or a count to generate).
+    ``api_s``/``think_s`` are the seconds a recorded server took and its client waited, kept
+    for a time model."""
 
     id: str
     conversation: str
@@ -107,13 +149,21 @@ class Request:
     prefix_length: int = 0
     hash_ids: tuple[int, ...] = ()
     input_length: int = 0
+    block_size: int = MOONCAKE_BLOCK
     outputs: list[int] | int = 0
     user_snapshots: tuple[int, ...] = ()
     events: tuple[Event, ...] = ()  # applied just before this request
+    api_s: float | None = None
+    think_s: float | None = None
+
+    @property
+    def hashed(self) -> bool:
+        """A prompt given as hash ids (``input_length`` tokens) rather than tokens."""
+        return self.input_length > 0
 
     @property
     def prompt_length(self) -> int:
-        if self.hash_ids:
+        if self.hashed:
             return self.input_length
         own = len(self.tokens) if self.tokens is not None else 0
         return self.prefix_length + own
@@ -132,34 +182,38 @@ class Trace:
     requests: list[Request]
     referenced: set[str] = field(default_factory=set)
     trailing_events: tuple[Event, ...] = ()  # applied after the last request
+    reading: dict[str, Any] = field(default_factory=dict)  # how a hashed trace was read
 
     @property
     def prompt_tokens(self) -> int:
         return sum(r.prompt_length for r in self.requests)
 
 
-def _fail(path: Path, line: int | None, message: str) -> TraceError:
+def fail(path: Path, line: int | None, message: str) -> TraceError:
+    """The error every reader raises: file, line (None for a whole-file or a JSON-path
+    problem) and what is wrong."""
     return TraceError(path, line, message)
 
 
-def _int(
+def check_int(
     value: Any,
     name: str,
     path: Path,
-    line: int,
+    line: int | None,
     minimum: int = 0,
     maximum: int = MAX_REQUEST_TOKENS,
 ) -> int:
+    """``value`` as an integer in [minimum, maximum], or a TraceError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(path, line, f"{name} must be an integer, got {_short(value)}")
+        raise fail(path, line, f"{name} must be an integer, got {short(value)}")
     if value < minimum:
-        raise _fail(path, line, f"{name} must be >= {minimum}, got {value}")
+        raise fail(path, line, f"{name} must be >= {minimum}, got {value}")
     if value > maximum:
-        raise _fail(path, line, f"{name} must be <= {maximum:,}, got {_short(value)}")
+        raise fail(path, line, f"{name} must be <= {maximum:,}, got {short(value)}")
     return value
 
 
-def _short(value: Any) -> str:
+def short(value: Any) -> str:
     """A value for an error message, cut to a readable length."""
     text = repr(value)
     return text if len(text) <= 60 else f"{text[:57]}..."
@@ -167,16 +221,16 @@ def _short(value: Any) -> str:
 
 def _token_list(value: Any, name: str, path: Path, line: int, vocab: int | None) -> np.ndarray:
     if not isinstance(value, list):
-        raise _fail(path, line, f"{name} must be a list of token ids, got {type(value).__name__}")
+        raise fail(path, line, f"{name} must be a list of token ids, got {type(value).__name__}")
     if len(value) > MAX_REQUEST_TOKENS:
-        raise _fail(path, line, f"{name} has {len(value):,} tokens, over {MAX_REQUEST_TOKENS:,}")
+        raise fail(path, line, f"{name} has {len(value):,} tokens, over {MAX_REQUEST_TOKENS:,}")
     for i, token in enumerate(value):
         if isinstance(token, bool) or not isinstance(token, int):
-            raise _fail(path, line, f"{name}[{i}] is not a token id: {_short(token)}")
+            raise fail(path, line, f"{name}[{i}] is not a token id: {short(token)}")
         if token < 0 or (vocab is not None and token >= vocab):
             if vocab is None:
-                raise _fail(path, line, f"{name}[{i}] = {token} is not a token id (>= 0)")
-            raise _fail(
+                raise fail(path, line, f"{name}[{i}] = {token} is not a token id (>= 0)")
+            raise fail(
                 path,
                 line,
                 f"{name}[{i}] = {token} is outside the model's vocabulary [0, {vocab}); "
@@ -190,7 +244,7 @@ def _parse_line(path: Path, number: int, raw: bytes) -> dict[str, Any] | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _fail(
+        raise fail(
             path, number, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
         ) from None
     if not text.strip():
@@ -198,15 +252,16 @@ def _parse_line(path: Path, number: int, raw: bytes) -> dict[str, Any] | None:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise _fail(path, number, f"not JSON ({exc.msg} at column {exc.colno})") from None
+        raise fail(path, number, f"not JSON ({exc.msg} at column {exc.colno})") from None
     except RecursionError:
-        raise _fail(path, number, "JSON nested too deeply to be a trace line") from None
+        raise fail(path, number, "JSON nested too deeply to be a trace line") from None
     if not isinstance(obj, dict):
-        raise _fail(path, number, f"expected a JSON object, got {type(obj).__name__}")
+        raise fail(path, number, f"expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
-def _read_lines(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+def read_lines(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    """The JSON objects of a JSONL file with their line numbers (blank lines skipped)."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             obj = _parse_line(path, number, raw)
@@ -217,14 +272,14 @@ def _read_lines(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
 def _parse_kvtrie(path: Path, lines: list[tuple[int, dict]], vocab: int | None) -> Trace:
     line, header = lines[0]
     if header.get("version") != FORMAT_VERSION:
-        raise _fail(
+        raise fail(
             path,
             line,
             f"unsupported version {header.get('version')!r}; "
             f"this kvtrie reads version {FORMAT_VERSION}",
         )
     if "vocab_size" in header:
-        declared = _int(header["vocab_size"], "vocab_size", path, line, minimum=1)
+        declared = check_int(header["vocab_size"], "vocab_size", path, line, minimum=1)
         vocab = declared if vocab is None else min(vocab, declared)
     requests: list[Request] = []
     lengths: dict[str, int] = {}
@@ -237,15 +292,15 @@ def _parse_kvtrie(path: Path, lines: list[tuple[int, dict]], vocab: int | None) 
             continue
         for key in ("id", "prompt"):
             if key not in obj:
-                raise _fail(path, number, f"missing field {key!r}")
+                raise fail(path, number, f"missing field {key!r}")
         rid = str(obj["id"])
         if rid in lengths:
-            raise _fail(path, number, f"duplicate request id {rid!r}")
+            raise fail(path, number, f"duplicate request id {rid!r}")
         arrival = obj.get("arrival_ms", last_arrival if requests else 0)
         if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or arrival < 0:
-            raise _fail(path, number, f"arrival_ms must be a number >= 0, got {arrival!r}")
+            raise fail(path, number, f"arrival_ms must be a number >= 0, got {arrival!r}")
         if arrival < last_arrival:
-            raise _fail(
+            raise fail(
                 path,
                 number,
                 f"arrival_ms {arrival} is before the previous request's "
@@ -258,10 +313,10 @@ def _parse_kvtrie(path: Path, lines: list[tuple[int, dict]], vocab: int | None) 
         if prefix_of is not None:
             prefix_of = str(prefix_of)
             if prefix_of not in lengths:
-                raise _fail(path, number, f"prefix_of {prefix_of!r} names no earlier request")
-            prefix_length = _int(obj.get("prefix_length"), "prefix_length", path, number)
+                raise fail(path, number, f"prefix_of {prefix_of!r} names no earlier request")
+            prefix_length = check_int(obj.get("prefix_length"), "prefix_length", path, number)
             if prefix_length > lengths[prefix_of]:
-                raise _fail(
+                raise fail(
                     path,
                     number,
                     f"prefix_length {prefix_length} is longer than request "
@@ -269,13 +324,13 @@ def _parse_kvtrie(path: Path, lines: list[tuple[int, dict]], vocab: int | None) 
                 )
             referenced.add(prefix_of)
         if "output" in obj and "output_length" in obj:
-            raise _fail(path, number, "give output or output_length, not both")
+            raise fail(path, number, "give output or output_length, not both")
         if "output" in obj:
             outputs: list[int] | int = [
                 int(t) for t in _token_list(obj["output"], "output", path, number, vocab)
             ]
         else:
-            outputs = _int(obj.get("output_length", 0), "output_length", path, number)
+            outputs = check_int(obj.get("output_length", 0), "output_length", path, number)
         request = Request(
             id=rid,
             conversation=str(obj.get("conversation", rid)),
@@ -287,14 +342,14 @@ def _parse_kvtrie(path: Path, lines: list[tuple[int, dict]], vocab: int | None) 
             outputs=outputs,
         )
         if request.prompt_length < 1:
-            raise _fail(path, number, "the prompt is empty: a request needs at least one token")
+            raise fail(path, number, "the prompt is empty: a request needs at least one token")
         marks = obj.get("user_snapshots", [])
         if not isinstance(marks, list):
-            raise _fail(path, number, f"user_snapshots must be a list of offsets, got {marks!r}")
+            raise fail(path, number, f"user_snapshots must be a list of offsets, got {marks!r}")
         for mark in marks:
-            _int(mark, "user_snapshots entry", path, number, minimum=1)
+            check_int(mark, "user_snapshots entry", path, number, minimum=1)
             if mark > request.prompt_length:
-                raise _fail(
+                raise fail(
                     path,
                     number,
                     f"user snapshot at {mark} is past the prompt ({request.prompt_length} tokens)",
@@ -309,76 +364,31 @@ def _parse_kvtrie(path: Path, lines: list[tuple[int, dict]], vocab: int | None) 
 def _parse_event(path: Path, number: int, obj: dict[str, Any]) -> Event:
     kind = obj["event"]
     if kind not in EVENT_KINDS:
-        raise _fail(path, number, f"unknown event {kind!r}; events are {', '.join(EVENT_KINDS)}")
+        raise fail(path, number, f"unknown event {kind!r}; events are {', '.join(EVENT_KINDS)}")
     if kind == "budget":
         if "budget_bytes" not in obj:
-            raise _fail(path, number, "missing field 'budget_bytes' (null for unbounded)")
+            raise fail(path, number, "missing field 'budget_bytes' (null for unbounded)")
         budget = obj["budget_bytes"]
         if budget is not None:
-            budget = _int(budget, "budget_bytes", path, number, maximum=(1 << 63) - 1)
+            budget = check_int(budget, "budget_bytes", path, number, maximum=(1 << 63) - 1)
         return Event(kind, number, budget_bytes=budget)
     if kind == "fail_restores":
-        return Event(kind, number, count=_int(obj.get("count"), "count", path, number, 1))
-    start = _int(obj.get("start"), "start", path, number)
-    end = _int(obj.get("end"), "end", path, number, minimum=start + 1)
+        return Event(kind, number, count=check_int(obj.get("count"), "count", path, number, 1))
+    start = check_int(obj.get("start"), "start", path, number)
+    end = check_int(obj.get("end"), "end", path, number, minimum=start + 1)
     layer = obj.get("layer")
     if layer is not None:
-        layer = _int(layer, "layer", path, number)
+        layer = check_int(layer, "layer", path, number)
     return Event(kind, number, start=start, end=end, layer=layer)
 
 
-def _parse_mooncake(path: Path, lines: list[tuple[int, dict]]) -> Trace:
-    requests = []
-    last = float("-inf")
-    for index, (number, obj) in enumerate(lines):
-        for key in ("timestamp", "input_length", "output_length", "hash_ids"):
-            if key not in obj:
-                raise _fail(path, number, f"missing field {key!r}")
-        stamp = obj["timestamp"]
-        if isinstance(stamp, bool) or not isinstance(stamp, (int, float)) or stamp < 0:
-            raise _fail(path, number, f"timestamp must be a number >= 0, got {stamp!r}")
-        if stamp < last:
-            raise _fail(path, number, f"timestamp {stamp} is before the previous line's {last}")
-        last = stamp
-        length = _int(obj["input_length"], "input_length", path, number, minimum=1)
-        output = _int(obj["output_length"], "output_length", path, number)
-        ids = obj["hash_ids"]
-        if not isinstance(ids, list) or not ids:
-            raise _fail(path, number, f"hash_ids must be a non-empty list, got {ids!r}")
-        for i, hid in enumerate(ids):
-            if isinstance(hid, bool) or not isinstance(hid, int) or not 0 <= hid < MAX_HASH_ID:
-                raise _fail(
-                    path,
-                    number,
-                    f"hash_ids[{i}] must be an integer in [0, 2**54), got {_short(hid)}",
-                )
-        blocks = -(-length // MOONCAKE_BLOCK)
-        if len(ids) != blocks:
-            raise _fail(
-                path,
-                number,
-                f"{len(ids)} hash ids for input_length {length}: expected "
-                f"{blocks} blocks of {MOONCAKE_BLOCK} tokens",
-            )
-        requests.append(
-            Request(
-                id=str(index),
-                conversation="",
-                arrival_ms=float(stamp),
-                line=number,
-                hash_ids=tuple(ids),
-                input_length=length,
-                outputs=output,
-            )
-        )
-    return Trace(str(path), "", "mooncake", {}, requests)
-
-
 def read_header(path: Path | str) -> dict[str, Any]:
-    """The header of a kvtrie trace, its keys the replayer reads checked (empty for a
-    Mooncake trace); a TraceError for an unreadable file or a header value of the wrong
+    """The header of a kvtrie trace, its keys the replayer reads checked (empty for the
+    hashed formats, which have none); a TraceError for an unreadable file or a header value of the wrong
     type."""
     path = Path(path)
+    if path.is_dir():  # a folder of agentic files: no header
+        return {}
     _check_file(path)
     with open(path, "rb") as handle:
         first = _parse_line(path, 1, handle.readline()) or {}
@@ -388,15 +398,16 @@ def read_header(path: Path | str) -> dict[str, Any]:
         value = first.get(key)
         if key in first and (isinstance(value, bool) or not isinstance(value, types)):
             kinds = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise _fail(path, 1, f"header {key}: expected {kinds}, got {_short(value)}")
+            raise fail(path, 1, f"header {key}: expected {kinds}, got {short(value)}")
     return first
 
 
 def _check_file(path: Path) -> None:
     if path.is_dir():
-        raise _fail(path, None, "is a directory, not a trace file")
+        raise fail(path, None, "is a directory, not a trace file (a directory of agentic files "
+                   "reads with --format agentic or auto)")
     if not path.is_file():
-        raise _fail(path, None, "no such trace file")
+        raise fail(path, None, "no such trace file")
 
 
 def trace_from_lines(name: str, header: dict[str, Any], requests: list[dict[str, Any]]) -> Trace:
@@ -406,27 +417,72 @@ def trace_from_lines(name: str, header: dict[str, Any], requests: list[dict[str,
     return _parse_kvtrie(Path(name), lines, None)
 
 
-def load_trace(path: Path | str, vocab_size: int | None = None) -> Trace:
-    """Read and validate a trace; the format is detected from its first line."""
+def load_trace(
+    path: Path | str, vocab_size: int | None = None, options: ReadOptions | None = None
+) -> Trace:
+    """Read and validate a trace. The format is ``options.format``, or detected from the first
+    line (a directory is a set of agentic conversation files)."""
+    from .formats.agentic import is_agentic, load_agentic
+    from .formats.bailian import parse_bailian
+    from .formats.mooncake import parse_mooncake
+
+    options = options or ReadOptions()
     path = Path(path)
+    if path.is_dir() and options.format in ("auto", "agentic"):
+        trace = load_agentic(path, options)
+        trace.sha256 = _tree_sha256(path)
+        return trace
     _check_file(path)
-    lines = list(_read_lines(path))
+    lines = list(read_lines(path))
     if not lines:
-        raise _fail(path, None, "the trace is empty")
+        raise fail(path, None, "the trace is empty")
     first_line, first = lines[0]
-    if first.get("format") == FORMAT_NAME:
+    kind = options.format if options.format != "auto" else _detect(first)
+    if kind == "kvtrie":
+        if first.get("format") != FORMAT_NAME:
+            raise fail(path, first_line, f'--format kvtrie: no "format": "{FORMAT_NAME}" header')
         trace = _parse_kvtrie(path, lines, vocab_size)
-    elif "hash_ids" in first:
-        trace = _parse_mooncake(path, lines)
+    elif kind == "mooncake":
+        trace = parse_mooncake(path, lines, options)
+    elif kind == "bailian":
+        trace = parse_bailian(path, lines, options)
+    elif kind == "agentic" and len(lines) == 1 and is_agentic(first):
+        trace = load_agentic(path, options)
+    elif kind == "agentic":
+        raise fail(path, first_line, "--format agentic: expected one JSON object with requests")
     else:
-        raise _fail(
+        raise fail(
             path,
             first_line,
-            f"unknown trace format: expected a header with "
-            f'"format": "{FORMAT_NAME}" or Mooncake lines with hash_ids',
+            f'unknown trace format: expected a header with "format": "{FORMAT_NAME}", Mooncake '
+            "or Bailian lines with hash_ids, or an agentic conversation object with requests "
+            "(--format names one)",
         )
     trace.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     return trace
+
+
+def _detect(first: dict[str, Any]) -> str | None:
+    """The format a trace's first line shows."""
+    from .formats.agentic import is_agentic
+
+    if first.get("format") == FORMAT_NAME:
+        return "kvtrie"
+    if "chat_id" in first and "hash_ids" in first:
+        return "bailian"
+    if "hash_ids" in first:
+        return "mooncake"
+    if is_agentic(first):
+        return "agentic"
+    return None
+
+
+def _tree_sha256(path: Path) -> str:
+    """One digest for a directory of trace files: each file's name and content."""
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*.json")):
+        digest.update(file.name.encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def write_trace(
@@ -438,19 +494,24 @@ def write_trace(
     write_output(path, "\n".join(lines) + "\n")
 
 
-def expand_blocks(hash_ids: tuple[int, ...], length: int, vocab_size: int) -> np.ndarray:
-    """Mooncake blocks as tokens: block id h gives 512 tokens drawn from (h, position), so equal
-    ids give equal tokens and different ids differ; the last block is cut to ``length``."""
+def expand_blocks(
+    hash_ids: tuple[int, ...], length: int, vocab_size: int, block_size: int = MOONCAKE_BLOCK
+) -> np.ndarray:
+    """Hash blocks as tokens: block id h gives ``block_size`` tokens drawn from (h, position),
+    so equal ids give equal tokens and different ids differ; the last block is cut to
+    ``length``."""
     ids = np.asarray(hash_ids, dtype=np.int64)
-    positions = (ids[:, None] * MOONCAKE_BLOCK + np.arange(MOONCAKE_BLOCK)).reshape(-1)[:length]
+    positions = (ids[:, None] * block_size + np.arange(block_size)).reshape(-1)[:length]
     return ((mix64(positions, 0xB10C) >> np.uint64(16)) % np.uint64(vocab_size)).astype(np.int32)
 
 
 def resolve_prompt(request: Request, history: dict[str, np.ndarray], vocab_size: int) -> np.ndarray:
-    """The request's prompt tokens: Mooncake blocks, or an earlier request's prefix (looked up
-    in ``history``: prompt and outputs by id) followed by its own tokens."""
-    if request.hash_ids:
-        return expand_blocks(request.hash_ids, request.input_length, vocab_size)
+    """The request's prompt tokens: hash blocks, or an earlier request's prefix (looked up in
+    ``history``: prompt and outputs by id) followed by its own tokens."""
+    if request.hashed:
+        return expand_blocks(
+            request.hash_ids, request.input_length, vocab_size, request.block_size
+        )
     own = request.tokens if request.tokens is not None else np.empty(0, dtype=np.int32)
     if request.prefix_of is None:
         return own

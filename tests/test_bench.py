@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+from third_party import third_party
+
 from kvtrie.sim.cli import main
 
 
 def test_bench_replay_quick_writes_its_figures(tmp_path):
+    third_party("mooncake")
     out = tmp_path / "bench.json"
     assert main(["bench", "replay", "--quick", "--report", str(out)]) == 0
     results = json.loads(out.read_text())

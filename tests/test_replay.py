@@ -6,13 +6,14 @@ import json
 
 import numpy as np
 import pytest
+from third_party import third_party
 
 from kvtrie.backends.fake import FakeBackend, FakeRecurrentCache
 from kvtrie.backends.profiles import get_profile
 from kvtrie.sim.build import parse_size
 from kvtrie.sim.cli import main
 from kvtrie.sim.traces import expand_blocks, load_trace
-from kvtrie.traces import BUNDLED, bundled_path
+from kvtrie.traces import EMBEDDED
 
 REPORT_KEYS = {
     "requests",
@@ -59,6 +60,7 @@ def lcp_bound(prompts, evaluated):
 
 
 def test_improved_policy_at_infinite_budget_meets_the_independent_lcp_bound(tmp_path):
+    mooncake = third_party("mooncake")
     limit = 250
     code, improved = run_replay(
         tmp_path,
@@ -74,7 +76,7 @@ def test_improved_policy_at_infinite_budget_meets_the_independent_lcp_bound(tmp_
     _, seed = run_replay(tmp_path, "mooncake", "--budget", "inf", "--limit", str(limit))
     # recompute every prompt and the outputs the fake model gives it, without the cache
     backend = FakeBackend(get_profile("llama-8b"))
-    trace = load_trace(bundled_path("mooncake"))
+    trace = load_trace(mooncake)
     prompts, evaluated = [], []
     for request in trace.requests[:limit]:
         prompt = expand_blocks(request.hash_ids, request.input_length, backend.vocab_size)
@@ -98,7 +100,7 @@ def test_report_has_the_contract_fields_and_adds_up(tmp_path):
     assert report["trace"]["sha256"] and report["trace"]["format"] == "kvtrie"
 
 
-@pytest.mark.parametrize("name", sorted(set(BUNDLED) - {"mooncake"}))
+@pytest.mark.parametrize("name", sorted(EMBEDDED))
 def test_bundled_traces_replay_clean_on_every_layer_kind(tmp_path, name):
     for model in ("llama-8b", "gemma-12b-swa", "qwen3-next-hybrid"):
         code, report = run_replay(tmp_path, name, "--model", model, "--budget", "64MiB")
@@ -111,7 +113,7 @@ def test_bundled_traces_replay_clean_with_all_three_layer_kinds_under_pressure(t
     """A model with attention, sliding-window and recurrent layers, at a budget small enough
     that whole-state layers are split, evicted and (in the seed) merged."""
     totals = {"merges": 0, "splits": 0, "evictions": 0}
-    for name in sorted(set(BUNDLED) - {"mooncake"}):
+    for name in sorted(EMBEDDED):
         code, report = run_replay(
             tmp_path, name, "--model", "hybrid-all-kinds", "--budget", "1GiB", "--policy", policy
         )

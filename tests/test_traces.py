@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from third_party import third_party
 
 from kvtrie.sim.cli import main
 from kvtrie.sim.traces import MOONCAKE_BLOCK, TraceError, expand_blocks, load_trace, write_trace
@@ -70,10 +71,8 @@ def test_mooncake_blocks_expand_deterministically_and_share_equal_ids():
     assert a.max() < 1000 and a.min() >= 0
 
 
-def test_bundled_mooncake_trace_loads():
-    from kvtrie.traces import bundled_path
-
-    trace = load_trace(bundled_path("mooncake"))
+def test_the_mooncake_trace_loads():
+    trace = load_trace(third_party("mooncake"))
     assert trace.format == "mooncake" and len(trace.requests) == 12031
     assert trace.prompt_tokens == 144_793_823
 

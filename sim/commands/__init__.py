@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..traces import ReadOptions
+
 EXIT_OK, EXIT_VIOLATION, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 MUTATION_KILL_TARGET = 0.9
 
@@ -25,6 +27,66 @@ def common_options() -> argparse.ArgumentParser:
         "internal error, print its traceback",
     )
     return parent
+
+
+def trace_options() -> argparse.ArgumentParser:
+    """How to read a trace file whose format leaves it open (every command that reads one)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("reading the trace")
+    group.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "kvtrie", "mooncake", "bailian", "agentic"],
+        help="the trace's format (default auto: detected from its first line; a directory "
+        "is a set of agentic conversation files)",
+    )
+    group.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens one hash id stands for (default: mooncake 512, bailian 16, agentic "
+        "the file's block_size)",
+    )
+    group.add_argument(
+        "--block-convention",
+        choices=["ceil", "floor"],
+        default=None,
+        help="ceil: the partial last block has an id (Mooncake, Bailian); floor: it is not "
+        "hashed (agentic traces, some tools)",
+    )
+    group.add_argument(
+        "--sessions-per-hour",
+        type=float,
+        default=None,
+        metavar="R",
+        help="agentic traces: start conversations by a Poisson process of R an hour "
+        "(default: all at once)",
+    )
+    group.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        metavar="N",
+        help="agentic traces: N conversations at a time, the next when one ends",
+    )
+    group.add_argument(
+        "--arrival-seed", type=int, default=0, metavar="S", help="seed of --sessions-per-hour"
+    )
+    return parent
+
+
+def read_options(args: argparse.Namespace) -> ReadOptions:
+    """The :class:`~kvtrie.sim.traces.ReadOptions` of ``trace_options()``; a ValueError names
+    the bad option."""
+    return ReadOptions(
+        format=args.format,
+        block_size=args.block_size,
+        block_convention=args.block_convention,
+        sessions_per_hour=args.sessions_per_hour,
+        concurrency=args.concurrency,
+        arrival_seed=args.arrival_seed,
+    )
 
 
 def positive(option: str, value: int | None) -> None:

@@ -57,17 +57,19 @@ def _print_mlx_bench(results: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..bench import bench_eviction, bench_mlx, bench_replay
+    from ..build import trace_path
     from ..outputs import check_output, write_output
     from ..report import report_json
 
-    if args.report is not None:
-        try:
+    try:
+        if args.report is not None:
             check_output("--report", args.report)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+        mooncake = trace_path("mooncake") if args.suite == "replay" else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     clean = True
-    if args.suite == "replay":
-        results = bench_replay(quick=args.quick)
+    if mooncake is not None:
+        results = bench_replay(mooncake, quick=args.quick)
         print(
             f"replay bench: {results['requests']} requests, {results['prompt_tokens']:,} prompt "
             f"tokens in {results['wall_seconds']:.2f} s ({results['tokens_per_second']:,.0f} "

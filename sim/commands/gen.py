@@ -6,8 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..chatgen import chat_lines
 from ..generators import GENERATORS
 from . import EXIT_OK, UsageError, common_options
+
+KINDS = {**GENERATORS, "chat": chat_lines}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,10 +18,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "gen",
         parents=[common_options()],
         help="write a generated workload trace",
-        description="Write a deterministic kvtrie trace of a common prefix-sharing workload and "
-        "print its ideal (infinite-cache) reuse. Sizes are the generator's keyword arguments.",
+        description="Write a deterministic trace of a common prefix-sharing workload and "
+        "print its ideal (infinite-cache) reuse. Sizes are the generator's keyword arguments. "
+        "chat writes Mooncake lines (hash ids of 512-token blocks) shaped after the Mooncake "
+        "conversation trace's statistics (kvtrie/sim/chatgen.py says which and where from); "
+        "the others write kvtrie JSONL with explicit tokens.",
     )
-    gen.add_argument("kind", choices=sorted(GENERATORS))
+    gen.add_argument("kind", choices=sorted(KINDS))
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument(
         "--out", type=Path, required=True, help="the trace file to write ('-': standard output)"
@@ -40,10 +46,12 @@ MAX_SIZE = 1_000_000  # a larger generated trace is a typo, and would take hours
 
 def run(args: argparse.Namespace) -> int:
     import inspect
+    import json
 
-    from ..generators import GENERATORS, generate
+    from ..chatgen import block_ideal
+    from ..generators import generate
     from ..ideal import ideal_reuse
-    from ..outputs import check_output
+    from ..outputs import check_output, write_output
     from ..traces import trace_from_lines, write_trace
 
     try:
@@ -52,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--vocab-size must be >= 2, got {args.vocab_size}")
         known = [
             name
-            for name, param in inspect.signature(GENERATORS[args.kind]).parameters.items()
+            for name, param in inspect.signature(KINDS[args.kind]).parameters.items()
             if param.annotation in (int, "int")
         ]
         sizes: dict[str, int] = {}
@@ -66,12 +74,18 @@ def run(args: argparse.Namespace) -> int:
             if not 1 <= int(value) <= MAX_SIZE:
                 raise UsageError(f"--set {name}={value}: must be in [1, {MAX_SIZE:,}]")
             sizes[name] = int(value)
-        header, lines = generate(args.kind, args.seed, args.vocab_size, **sizes)
+        if args.kind != "chat":
+            header, lines = generate(args.kind, args.seed, args.vocab_size, **sizes)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    trace = trace_from_lines(str(args.out), header, lines)
-    cached, prompt = ideal_reuse(trace, args.vocab_size)
-    write_trace(args.out, header, lines)
+    if args.kind == "chat":
+        lines = chat_lines(args.seed, **sizes)
+        cached, prompt = block_ideal(lines)
+        write_output(args.out, "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines))
+    else:
+        trace = trace_from_lines(str(args.out), header, lines)
+        cached, prompt = ideal_reuse(trace, args.vocab_size)
+        write_trace(args.out, header, lines)
     print(
         f"wrote {args.out}: {len(lines)} requests, {prompt:,} prompt tokens, "
         f"ideal reuse {cached / prompt:.1%} ({cached:,} tokens)",

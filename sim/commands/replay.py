@@ -9,23 +9,41 @@ from pathlib import Path
 from kvtrie.core.policy import STRATEGIES
 from kvtrie.core.prefix_cache import DEFAULT_BUDGET_BYTES, POLICIES
 
-from ..build import default_model, make_backend, make_cache, make_policy, parse_size, trace_path
-from . import EXIT_OK, EXIT_VIOLATION, UsageError, common_options, positive
+from ..build import (
+    default_model,
+    make_backend,
+    make_cache,
+    make_policy,
+    parse_size,
+    trace_inputs,
+    trace_path,
+)
+from . import (
+    EXIT_OK,
+    EXIT_VIOLATION,
+    UsageError,
+    common_options,
+    positive,
+    read_options,
+    trace_options,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     replay = sub.add_parser(
         "replay",
-        parents=[common_options()],
+        parents=[common_options(), trace_options()],
         help="replay a trace through the cache and report what was cached",
-        description="Replay a recorded multi-conversation trace (kvtrie JSONL or Mooncake) "
+        description="Replay a recorded multi-conversation trace (kvtrie JSONL, Mooncake, "
+        "Bailian, or kv-cache-tester agentic files) "
         "through the cache, serially in arrival order, checking every invariant after every "
         "request. Exit 0 when clean, 1 on a violation, 2 on bad input.",
     )
     replay.add_argument(
         "trace",
-        help="a kvtrie JSONL or Mooncake JSONL file, or a bundled "
-        "trace: mooncake, system-prompt, agent, rag, branching, shared-prefix",
+        help="a trace file or directory of agentic files, or a trace name: chat (the "
+        "default shipped), system-prompt, agent, rag, branching, shared-prefix, or mooncake "
+        "and agentic (third-party: kvtrie traces get NAME)",
     )
     _add_cache_options(replay)
     replay.add_argument(
@@ -126,12 +144,12 @@ def run(args: argparse.Namespace) -> int:
         positive("--limit", args.limit)
         for option, out in (("--report", args.report), ("--markdown", args.markdown)):
             if out is not None:
-                check_output(option, out, [path])
+                check_output(option, out, trace_inputs(path))
         mutant = None if args.mutant == "none" else args.mutant or header.get("mutant")
         if mutant is not None and mutant not in MUTANTS:
             raise UsageError(f"unknown mutant {mutant!r}; choose one of {', '.join(MUTANTS)}")
         backend = make_backend(backend_name, model)
-        trace = load_trace(path, vocab_size=backend.vocab_size)
+        trace = load_trace(path, vocab_size=backend.vocab_size, options=read_options(args))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     with mutated(mutant):  # built under the mutant: some patch choices made at construction

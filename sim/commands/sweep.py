@@ -6,14 +6,14 @@ import argparse
 import time
 from pathlib import Path
 
-from ..build import parse_size, trace_path
-from . import EXIT_OK, UsageError, common_options, positive
+from ..build import parse_size, trace_inputs, trace_path
+from . import EXIT_OK, UsageError, common_options, positive, read_options, trace_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     sweep = sub.add_parser(
         "sweep",
-        parents=[common_options()],
+        parents=[common_options(), trace_options()],
         help="every policy at every budget over one trace, with plots",
         description="Replay one trace through kvtrie's policies and simulated peers (no cache, "
         "the single-entry cache, mlx-lm's prompt cache simulated and real, SGLang's radix "
@@ -58,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
         positive("--limit", args.limit)
         positive("--processes", args.processes)
         path = trace_path(args.trace)
-        check_output_dir("--out", args.out, SWEEP_FILES, [path])
+        check_output_dir("--out", args.out, SWEEP_FILES, trace_inputs(path))
         profile = get_profile(args.model)
-        trace = load_trace(path, vocab_size=profile.vocab_size)
+        trace = load_trace(path, vocab_size=profile.vocab_size, options=read_options(args))
         if args.limit is not None:
             trace.requests = trace.requests[: args.limit]
     except ValueError as exc:
@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "trace": trace.path,
         "sha256": trace.sha256,
+        "reading": trace.reading,
         "model": profile.name,
         "requests": len(workload),
         "wall_seconds": time.perf_counter() - started,

@@ -1,0 +1,76 @@
+"""Servers the tests start on 127.0.0.1 with a free port, wait for with bounded loops, and
+stop: mlx_lm.server with a tiny local model directory, and ``kvtrie record`` in front of it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _wait(proc: subprocess.Popen, ready, what: str, timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {log.read_text()}")
+        if ready():
+            return
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{what} not ready within {timeout_s} s")
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def start_mlx_server(model: Path, port: int, log: Path) -> subprocess.Popen:
+    """mlx_lm.server with a local model directory; its log (one line a request) goes to a
+    file, so a full pipe can never stall it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_lm.server", "--model", str(model), "--host", HOST,
+         "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=open(log, "w"), text=True,
+    )
+    _wait(proc, lambda: _answers(f"http://{HOST}:{port}/v1/models"), "mlx_lm.server", 120, log)
+    return proc
+
+
+def start_recorder(args: list[str], port: int, log: Path) -> subprocess.Popen:
+    """``kvtrie record`` on ``port``, ready once it says it listens; its output to ``log``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvtrie.sim.cli", "record", "--listen", f"{HOST}:{port}", *args],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    _wait(proc, lambda: "listening on" in log.read_text(), "kvtrie record", 120, log)
+    return proc
+
+
+def stop(proc: subprocess.Popen, timeout_s: float = 30) -> int:
+    """Ctrl-C, as a user stops it; the exit status (killed when it does not stop in time)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
