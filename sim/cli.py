@@ -15,6 +15,7 @@ from .commands import (
     EXIT_INTERNAL,
     UsageError,
     bench,
+    convert,
     fuzz,
     gate,
     gen,
@@ -25,7 +26,7 @@ from .commands import (
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (replay, gen, sweep, gate, fuzz, bench, traces)
+COMMANDS = (replay, gen, convert, sweep, gate, fuzz, bench, traces)
 
 
 def build_parser() -> argparse.ArgumentParser:

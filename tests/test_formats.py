@@ -1,6 +1,6 @@
 """The published trace formats: Mooncake and its superset, Bailian, kv-cache-tester's agentic
 conversations; each read from small hand-made files and the real samples, with its bad input
-one located line and exit 2."""
+one located line and exit 2; and ``kvtrie convert`` between them."""
 
 from __future__ import annotations
 
@@ -221,3 +221,70 @@ def test_bad_input_of_the_new_readers(tmp_path, capsys, name, file, lines, optio
     assert message.replace("{p}", str(path)) in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not report.exists()
+
+
+# ---- kvtrie convert ----------------------------------------------------------------------
+
+
+def _convert(tmp_path, source: str, name: str, *argv: str) -> Path:
+    out = tmp_path / name
+    assert main(["convert", source, str(out), *argv]) == 0
+    return out
+
+
+def test_a_hashed_trace_converted_to_kvtrie_replays_into_the_same_prompts(tmp_path):
+    source = tmp_path / "chat.jsonl"
+    assert main(["gen", "chat", "--seed", "2", "--set", "requests=120", "--set", "minutes=6",
+                 "--out", str(source)]) == 0
+    kvtrie = _convert(tmp_path, str(source), "chat-kvtrie.jsonl", "--to", "kvtrie")
+    before, after = _replay(tmp_path, str(source)), _replay(tmp_path, str(kvtrie))
+    for key in ("prompt_tokens", "cached_tokens", "ideal_cached_tokens", "output_tokens"):
+        assert before[key] == after[key], key
+    assert before["cached_tokens"] > 0
+    assert json.loads(kvtrie.read_text().splitlines()[0])["converted_from"]["format"] == "mooncake"
+
+
+def test_an_agentic_file_converted_to_mooncake_keeps_its_hit_ratio_to_the_block(tmp_path):
+    source = third_party("agentic") / "trace_0006.json"
+    original = _replay(tmp_path, str(source))
+    same = _convert(tmp_path, str(source), "a64.jsonl", "--to", "mooncake", "--out-block-size", "64")
+    assert _replay(tmp_path, str(same), "--block-size", "64")["cached_tokens"] == original["cached_tokens"]
+    coarse = _convert(tmp_path, str(source), "a512.jsonl", "--to", "mooncake")
+    regrouped = _replay(tmp_path, str(coarse))
+    requests = original["requests"]
+    assert 0 <= original["cached_tokens"] - regrouped["cached_tokens"] <= requests * 512
+
+
+def test_a_kvtrie_trace_converted_to_mooncake_loses_only_blocks_and_resent_outputs(tmp_path):
+    from kvtrie.sim.traces import load_trace as load
+
+    source = tmp_path / "agent.jsonl"
+    assert main(["gen", "agent", "--seed", "1", "--out", str(source)]) == 0
+    moon = _convert(tmp_path, str(source), "agent-m.jsonl", "--to", "mooncake", "--out-block-size", "16")
+    before = _replay(tmp_path, str(source))
+    after = _replay(tmp_path, str(moon), "--block-size", "16")
+    assert before["prompt_tokens"] == after["prompt_tokens"]
+    trace = load(source)
+    # a Mooncake replay generates its own outputs, so a next turn re-sending the forced ones
+    # computes them again; beyond that, each prompt loses at most a block
+    resent = sum(len(r.outputs) for r in trace.requests if r.id in trace.referenced)
+    lost = before["cached_tokens"] - after["cached_tokens"]
+    assert 0 <= lost <= resent + 16 * before["requests"]
+
+
+def test_convert_refuses_what_the_target_cannot_hold(tmp_path, capsys):
+    source = tmp_path / "branching.jsonl"
+    assert main(["gen", "branching", "--seed", "1", "--out", str(source)]) == 0
+    assert main(["convert", str(source), str(tmp_path / "m.jsonl"), "--to", "mooncake"]) == 2
+    assert "user restore points" in capsys.readouterr().err
+    generated = tmp_path / "g.jsonl"
+    generated.write_text(
+        '{"format": "kvtrie-trace", "version": 1}\n'
+        '{"id": "a", "prompt": [1, 2, 3], "output_length": 4}\n'
+        '{"id": "b", "prefix_of": "a", "prefix_length": 5, "prompt": [9]}\n'
+    )
+    assert main(["convert", str(generated), str(tmp_path / "k.jsonl"), "--to", "kvtrie"]) == 2
+    assert "extends the outputs request a leaves to the backend" in capsys.readouterr().err
+    assert main(["convert", str(source), str(source), "--to", "kvtrie"]) == 2
+    assert "that is an input" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["branching.jsonl", "g.jsonl"]

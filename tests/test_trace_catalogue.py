@@ -95,7 +95,8 @@ def test_a_third_party_name_not_here_is_exit_2_naming_the_command(tmp_path, monk
     monkeypatch.setattr(kvtrie.traces, "shared_dirs", lambda: [])
     report = tmp_path / "r.json"
     for argv in (["replay", "mooncake", "--report", str(report)],
-                 ["sweep", "agentic", "--out", str(tmp_path / "s")]):
+                 ["sweep", "agentic", "--out", str(tmp_path / "s")],
+                 ["convert", "agentic", str(tmp_path / "c.jsonl"), "--to", "kvtrie"]):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "run `kvtrie traces get" in err and len(err.strip().splitlines()) == 1
