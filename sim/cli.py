@@ -19,6 +19,7 @@ from .commands import (
     fuzz,
     gate,
     gen,
+    record,
     replay,
     sweep,
     traces,
@@ -26,7 +27,7 @@ from .commands import (
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (replay, gen, convert, sweep, gate, fuzz, bench, traces)
+COMMANDS = (replay, gen, convert, sweep, gate, fuzz, bench, traces, record)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,282 @@
+"""``kvtrie record``: an OpenAI-compatible recording proxy in front of any server.
+
+It forwards every request unchanged and returns the upstream's answer unchanged (streamed
+chunks as they come). For each chat or text completion that succeeds it appends one trace line:
+the arrival time, the conversation key the client sent (an ``X-Conversation-Id`` header, else
+the body's ``user``), the prompt as the given tokenizer and its chat template make it, and the
+output length from the response's usage (counted by the tokenizer when a stream has none).
+
+Plain recordings are kvtrie traces (token ids). ``hashed`` recordings are Mooncake lines:
+prefix-chained ids of ``block_size``-token blocks, each an HMAC of the block and everything
+before it under a secret drawn for this recording and never written, so no prompt text and
+no token can be read back from the file, while equal prefixes still give equal ids.
+
+Lines go out in arrival order (a finished request waits for the ones that came before it) and
+are flushed as written: a killed recorder loses only requests in flight, never half a line. A
+request that fails, or whose client goes away mid-stream, writes no line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+from aiohttp import web
+
+from .formats.blocks import id_limit
+from .traces import FORMAT_NAME, FORMAT_VERSION
+
+__all__ = ["Recorder", "RecordSettings", "build_app", "hashed_ids"]
+
+log = logging.getLogger("kvtrie.record")
+
+RECORDED = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
+# not forwarded: hop-by-hop headers, and the encodings (aiohttp decodes what it receives, so
+# the recorder can read usage; the client gets the decoded body with its true length)
+HOP_BY_HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive",
+              "content-encoding", "accept-encoding", "upgrade"}
+
+
+@dataclass(frozen=True)
+class RecordSettings:
+    upstream: str
+    out: Path
+    hashed: bool = False
+    block_size: int = 512
+    timeout_s: float = 600.0
+
+
+def hashed_ids(tokens: list[int], secret: bytes, block_size: int) -> list[int]:
+    """Chained block ids: block k's id is an HMAC of blocks 0..k (the partial last block
+    included), cut to the ids a replay can expand."""
+    limit = id_limit(block_size)
+    digest = b""
+    ids = []
+    for start in range(0, len(tokens), block_size):
+        block = b"".join(t.to_bytes(4, "little") for t in tokens[start : start + block_size])
+        digest = hmac.new(secret, digest + block, hashlib.sha256).digest()
+        ids.append(int.from_bytes(digest[:8], "little") % limit)
+    return ids
+
+
+@dataclass
+class Recorder:
+    """Numbers requests as they arrive and writes each finished one's line in that order."""
+
+    settings: RecordSettings
+    tokenizer: Any
+    handle: TextIO
+    started: float = field(default_factory=time.monotonic)
+    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    next_seq: int = 0
+    next_to_write: int = 0
+    done: dict[int, dict[str, Any] | None] = field(default_factory=dict)
+    written: int = 0
+
+    def arrive(self) -> tuple[int, float]:
+        seq, self.next_seq = self.next_seq, self.next_seq + 1
+        return seq, (time.monotonic() - self.started) * 1000.0
+
+    def finish(self, seq: int, line: dict[str, Any] | None) -> None:
+        """Record request ``seq``'s line (None: it wrote nothing) and write every line whose
+        predecessors are all finished."""
+        self.done[seq] = line
+        while self.next_to_write in self.done:
+            ready = self.done.pop(self.next_to_write)
+            self.next_to_write += 1
+            if ready is not None:
+                self.handle.write(json.dumps(ready, separators=(",", ":")) + "\n")
+                self.handle.flush()
+                self.written += 1
+
+    def header(self) -> dict[str, Any] | None:
+        if self.settings.hashed:
+            return None  # Mooncake lines have no header
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+                "vocab_size": len(self.tokenizer),
+                "recorded": {"upstream": self.settings.upstream,
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+
+    def prompt_tokens(self, kind: str, body: dict[str, Any]) -> list[int]:
+        if kind == "chat":
+            tokens = self.tokenizer.apply_chat_template(
+                body["messages"], tools=body.get("tools"), add_generation_prompt=True,
+                tokenize=True,
+            )
+            if isinstance(tokens, dict) or hasattr(tokens, "keys"):  # a BatchEncoding
+                tokens = tokens["input_ids"]
+            return [int(t) for t in tokens]
+        prompt = body["prompt"]
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return prompt
+        return [int(t) for t in self.tokenizer.encode(prompt, add_special_tokens=False)]
+
+    def line(self, seq: int, arrival_ms: float, key: str | None, prompt: list[int],
+             output_length: int) -> dict[str, Any]:
+        if self.settings.hashed:
+            line: dict[str, Any] = {
+                "timestamp": round(arrival_ms, 3),
+                "input_length": len(prompt),
+                "output_length": output_length,
+                "hash_ids": hashed_ids(prompt, self.secret, self.settings.block_size),
+            }
+            if key is not None:
+                line["session_id"] = hmac.new(self.secret, key.encode(), hashlib.sha256).hexdigest()[:16]
+            return line
+        line = {"id": f"r{seq}", "arrival_ms": round(arrival_ms, 3)}
+        if key is not None:
+            line["conversation"] = key
+        line["prompt"] = prompt
+        line["output_length"] = output_length
+        return line
+
+
+def _forward_headers(headers: Any) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+
+
+def _error(status: int, message: str) -> web.Response:
+    body = {"error": {"message": message, "type": "upstream_error", "code": status}}
+    return web.json_response(body, status=status)
+
+
+class _Events:
+    """What a relayed server-sent-event stream said: its text, the usage's completion tokens
+    when it carries them, and whether its ``[DONE]`` went by."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.pieces: list[str] = []
+        self.produced: int | None = None
+        self.done = False
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bool:
+        """Take one relayed chunk; True once the stream's ``[DONE]`` has been relayed."""
+        *lines, self._pending = (self._pending + chunk).split(b"\n")
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            if line.strip() == b"data: [DONE]":
+                self.done = True
+                continue
+            try:
+                event = json.loads(line[5:])
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            for choice in (event.get("choices") or [])[:1]:
+                if self.kind == "chat":
+                    piece = (choice.get("delta") or {}).get("content")
+                else:
+                    piece = choice.get("text")
+                self.pieces.append(piece or "")
+            usage = event.get("usage") or {}
+            if isinstance(usage.get("completion_tokens"), int):
+                self.produced = usage["completion_tokens"]
+        return self.done
+
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+def _completion_tokens(data: bytes) -> int | None:
+    try:
+        usage = json.loads(data).get("usage") or {}
+    except (ValueError, AttributeError):
+        return None
+    produced = usage.get("completion_tokens")
+    return produced if isinstance(produced, int) and produced >= 0 else None
+
+
+async def _proxy(request: web.Request) -> web.StreamResponse:
+    recorder: Recorder = request.app["recorder"]
+    session: aiohttp.ClientSession = request.app["session"]
+    settings = recorder.settings
+    kind = RECORDED.get(request.path) if request.method == "POST" else None
+    seq, arrival_ms = recorder.arrive() if kind else (-1, 0.0)
+    line = None
+    try:
+        raw = await request.read()
+        prompt, key = None, None
+        if kind:
+            try:
+                body = json.loads(raw)
+                prompt = recorder.prompt_tokens(kind, body)
+                key = request.headers.get("X-Conversation-Id") or body.get("user")
+                key = None if key is None else str(key)
+            except Exception as exc:  # the upstream judges the request; we only can't record it
+                log.warning("request %d not recorded: its prompt could not be tokenized (%s)", seq, exc)
+        url = settings.upstream.rstrip("/") + request.rel_url.path_qs
+        try:
+            upstream = await session.request(
+                request.method, url, data=raw, headers=_forward_headers(request.headers),
+                timeout=aiohttp.ClientTimeout(total=settings.timeout_s),
+            )
+        except asyncio.TimeoutError:
+            return _error(502, f"upstream {settings.upstream} did not answer within {settings.timeout_s:g} s")
+        except aiohttp.ClientError as exc:
+            return _error(502, f"upstream {settings.upstream} unreachable: {exc}")
+        async with upstream:
+            headers = _forward_headers(upstream.headers)
+            streamed = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+            if not streamed:
+                data = await upstream.read()
+                if upstream.status == 200 and prompt is not None:
+                    produced = _completion_tokens(data)
+                    if produced is None:
+                        log.warning("request %d not recorded: no usage in the answer", seq)
+                    else:
+                        line = recorder.line(seq, arrival_ms, key, prompt, produced)
+                return web.Response(status=upstream.status, headers=headers, body=data)
+            response = web.StreamResponse(status=upstream.status, headers=headers)
+            await response.prepare(request)
+            events = _Events(kind or "")
+            delivered = False  # the client has every byte the upstream sent, or its [DONE]
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                    delivered = events.feed(chunk)
+                delivered = True
+                await response.write_eof()
+            except (ConnectionResetError, aiohttp.ClientConnectionError):
+                # a client that hangs up once it has [DONE] has had the whole answer
+                if not delivered:
+                    log.warning("request %d not recorded: the stream was cut", seq)
+                    return response
+            except asyncio.CancelledError:
+                log.warning("request %d not recorded: cancelled mid-stream", seq)
+                raise
+            if upstream.status == 200 and prompt is not None:
+                produced = events.produced
+                if produced is None:
+                    produced = len(recorder.tokenizer.encode(events.text(), add_special_tokens=False))
+                line = recorder.line(seq, arrival_ms, key, prompt, produced)
+            return response
+    finally:
+        if kind:
+            recorder.finish(seq, line)
+
+
+def build_app(recorder: Recorder) -> web.Application:
+    app = web.Application(client_max_size=1 << 30)
+    app["recorder"] = recorder
+
+    async def session_context(app: web.Application):
+        app["session"] = aiohttp.ClientSession()
+        yield
+        await app["session"].close()
+
+    app.cleanup_ctx.append(session_context)
+    app.router.add_route("*", "/{tail:.*}", _proxy)
+    return app
