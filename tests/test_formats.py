@@ -67,10 +67,18 @@ def test_under_floor_an_unhashed_tail_is_shared_with_nobody(tmp_path):
     assert min(trace.requests[0].hash_ids[-1], trace.requests[1].hash_ids[-1]) > 8
 
 
-def test_the_mooncake_sample_keeps_its_reference_figures(tmp_path):
-    report = _replay(tmp_path, str(third_party("mooncake")))
-    assert report["requests"] == 12031 and report["prompt_tokens"] == 144_793_823
-    assert report["ideal_hit_ratio"] == pytest.approx(0.3736, abs=5e-5)  # its README's bound
+def test_the_mooncake_sample_keeps_its_reference_figures():
+    trace = load_trace(third_party("mooncake"))
+    assert len(trace.requests) == 12031 and trace.prompt_tokens == 144_793_823
+    seen: set[tuple[int, int]] = set()
+    cached = 0  # an infinite cache at block granularity, the one-token rule
+    for request in trace.requests:
+        k = 0
+        while k < len(request.hash_ids) and (k, request.hash_ids[k]) in seen:
+            k += 1
+        cached += min(k * 512, request.input_length - 1)
+        seen.update(enumerate(request.hash_ids))
+    assert cached / trace.prompt_tokens == pytest.approx(0.3736, abs=5e-5)  # its README's bound
 
 
 # ---- Bailian -----------------------------------------------------------------------------
