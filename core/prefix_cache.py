@@ -141,10 +141,12 @@ class PrefixCache:
 
     # ---- begin / switch -------------------------------------------------------------------
 
-    def begin(self, prompt: Sequence[int] | np.ndarray) -> Session:
+    def begin(self, prompt: Sequence[int] | np.ndarray, counted: bool = True) -> Session:
         """Restore the longest cached prefix of ``prompt`` and return the session to finish it.
 
-        A session still open is closed first, with the outputs it has.
+        A session still open is closed first, with the outputs it has. ``counted=False``
+        keeps it out of the request statistics: a server recording a state it computed
+        elsewhere is not a request.
         """
         tokens = as_tokens(prompt)
         if len(tokens) == 0:
@@ -158,10 +160,11 @@ class PrefixCache:
         prefix = self._switch_to_match(path, tokens[:matched], partial)
         snapshot_at = matched if (partial or (prefix == 0 and matched > 0)) else 0
         account = RequestAccount(len(tokens), matched, prefix)
-        self.stats.requests += 1
-        self.stats.prompt_tokens += account.prompt_tokens
-        self.stats.cached_tokens += account.cached_tokens
-        self.stats.computed_tokens += account.computed_tokens
+        if counted:
+            self.stats.requests += 1
+            self.stats.prompt_tokens += account.prompt_tokens
+            self.stats.cached_tokens += account.cached_tokens
+            self.stats.computed_tokens += account.computed_tokens
         log.info(
             "cache %s total=%d matched=%d cached=%d left=%d pending_snapshot=%d",
             "hit" if prefix else "miss",

@@ -21,13 +21,14 @@ from .commands import (
     gen,
     record,
     replay,
+    serve,
     sweep,
     traces,
 )
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (replay, gen, convert, sweep, gate, fuzz, bench, traces, record)
+COMMANDS = (replay, gen, convert, sweep, gate, fuzz, bench, traces, record, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +76,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # only kvtrie serve passes options on (to mlx_lm.server)
+        if not getattr(args, "passthrough", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.extra = extra
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
     return _run(args)

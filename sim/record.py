@@ -19,23 +19,18 @@ request that fails, or whose client goes away mid-stream, writes no line.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
-import secrets
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from .formats.blocks import id_limit
-from .traces import FORMAT_NAME, FORMAT_VERSION
+from .recording import TraceRecorder, prompt_of
 
-__all__ = ["Recorder", "RecordSettings", "build_app", "hashed_ids"]
+__all__ = ["Recorder", "RecordSettings", "build_app"]
 
 log = logging.getLogger("kvtrie.record")
 
@@ -55,89 +50,13 @@ class RecordSettings:
     timeout_s: float = 600.0
 
 
-def hashed_ids(tokens: list[int], secret: bytes, block_size: int) -> list[int]:
-    """Chained block ids: block k's id is an HMAC of blocks 0..k (the partial last block
-    included), cut to the ids a replay can expand."""
-    limit = id_limit(block_size)
-    digest = b""
-    ids = []
-    for start in range(0, len(tokens), block_size):
-        block = b"".join(t.to_bytes(4, "little") for t in tokens[start : start + block_size])
-        digest = hmac.new(secret, digest + block, hashlib.sha256).digest()
-        ids.append(int.from_bytes(digest[:8], "little") % limit)
-    return ids
-
-
 @dataclass
 class Recorder:
-    """Numbers requests as they arrive and writes each finished one's line in that order."""
+    """The proxy's recording: a trace writer and the tokenizer that makes prompts."""
 
     settings: RecordSettings
     tokenizer: Any
-    handle: TextIO
-    started: float = field(default_factory=time.monotonic)
-    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
-    next_seq: int = 0
-    next_to_write: int = 0
-    done: dict[int, dict[str, Any] | None] = field(default_factory=dict)
-    written: int = 0
-
-    def arrive(self) -> tuple[int, float]:
-        seq, self.next_seq = self.next_seq, self.next_seq + 1
-        return seq, (time.monotonic() - self.started) * 1000.0
-
-    def finish(self, seq: int, line: dict[str, Any] | None) -> None:
-        """Record request ``seq``'s line (None: it wrote nothing) and write every line whose
-        predecessors are all finished."""
-        self.done[seq] = line
-        while self.next_to_write in self.done:
-            ready = self.done.pop(self.next_to_write)
-            self.next_to_write += 1
-            if ready is not None:
-                self.handle.write(json.dumps(ready, separators=(",", ":")) + "\n")
-                self.handle.flush()
-                self.written += 1
-
-    def header(self) -> dict[str, Any] | None:
-        if self.settings.hashed:
-            return None  # Mooncake lines have no header
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-                "vocab_size": len(self.tokenizer),
-                "recorded": {"upstream": self.settings.upstream,
-                             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
-
-    def prompt_tokens(self, kind: str, body: dict[str, Any]) -> list[int]:
-        if kind == "chat":
-            tokens = self.tokenizer.apply_chat_template(
-                body["messages"], tools=body.get("tools"), add_generation_prompt=True,
-                tokenize=True,
-            )
-            if isinstance(tokens, dict) or hasattr(tokens, "keys"):  # a BatchEncoding
-                tokens = tokens["input_ids"]
-            return [int(t) for t in tokens]
-        prompt = body["prompt"]
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return prompt
-        return [int(t) for t in self.tokenizer.encode(prompt, add_special_tokens=False)]
-
-    def line(self, seq: int, arrival_ms: float, key: str | None, prompt: list[int],
-             output_length: int) -> dict[str, Any]:
-        if self.settings.hashed:
-            line: dict[str, Any] = {
-                "timestamp": round(arrival_ms, 3),
-                "input_length": len(prompt),
-                "output_length": output_length,
-                "hash_ids": hashed_ids(prompt, self.secret, self.settings.block_size),
-            }
-            if key is not None:
-                line["session_id"] = hmac.new(self.secret, key.encode(), hashlib.sha256).hexdigest()[:16]
-            return line
-        line = {"id": f"r{seq}", "arrival_ms": round(arrival_ms, 3)}
-        if key is not None:
-            line["conversation"] = key
-        line["prompt"] = prompt
-        line["output_length"] = output_length
-        return line
+    trace: TraceRecorder
 
 
 def _forward_headers(headers: Any) -> dict[str, str]:
@@ -204,7 +123,7 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
     session: aiohttp.ClientSession = request.app["session"]
     settings = recorder.settings
     kind = RECORDED.get(request.path) if request.method == "POST" else None
-    seq, arrival_ms = recorder.arrive() if kind else (-1, 0.0)
+    seq, arrival_ms = recorder.trace.arrive() if kind else (-1, 0.0)
     line = None
     try:
         raw = await request.read()
@@ -212,7 +131,7 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
         if kind:
             try:
                 body = json.loads(raw)
-                prompt = recorder.prompt_tokens(kind, body)
+                prompt = prompt_of(recorder.tokenizer, kind, body)
                 key = request.headers.get("X-Conversation-Id") or body.get("user")
                 key = None if key is None else str(key)
             except Exception as exc:  # the upstream judges the request; we only can't record it
@@ -237,7 +156,7 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
                     if produced is None:
                         log.warning("request %d not recorded: no usage in the answer", seq)
                     else:
-                        line = recorder.line(seq, arrival_ms, key, prompt, produced)
+                        line = recorder.trace.line(seq, arrival_ms, key, prompt, produced)
                 return web.Response(status=upstream.status, headers=headers, body=data)
             response = web.StreamResponse(status=upstream.status, headers=headers)
             await response.prepare(request)
@@ -261,11 +180,11 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
                 produced = events.produced
                 if produced is None:
                     produced = len(recorder.tokenizer.encode(events.text(), add_special_tokens=False))
-                line = recorder.line(seq, arrival_ms, key, prompt, produced)
+                line = recorder.trace.line(seq, arrival_ms, key, prompt, produced)
             return response
     finally:
         if kind:
-            recorder.finish(seq, line)
+            recorder.trace.finish(seq, line)
 
 
 def build_app(recorder: Recorder) -> web.Application:

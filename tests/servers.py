@@ -53,15 +53,21 @@ def start_mlx_server(model: Path, port: int, log: Path) -> subprocess.Popen:
     return proc
 
 
-def start_recorder(args: list[str], port: int, log: Path) -> subprocess.Popen:
-    """``kvtrie record`` on ``port``, ready once it says it listens; its output to ``log``."""
+def start_kvtrie(args: list[str], log: Path) -> subprocess.Popen:
+    """A ``kvtrie`` command that serves (record, serve), ready once it says it listens; its
+    output goes to ``log``."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvtrie.sim.cli", "record", "--listen", f"{HOST}:{port}", *args],
+        [sys.executable, "-m", "kvtrie.sim.cli", *args],
         stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    _wait(proc, lambda: "listening on" in log.read_text(), "kvtrie record", 120, log)
+    _wait(proc, lambda: "listening on" in log.read_text(), f"kvtrie {args[0]}", 120, log)
     return proc
+
+
+def start_recorder(args: list[str], port: int, log: Path) -> subprocess.Popen:
+    """``kvtrie record`` on ``port``."""
+    return start_kvtrie(["record", "--listen", f"{HOST}:{port}", *args], log)
 
 
 def stop(proc: subprocess.Popen, timeout_s: float = 30) -> int:

@@ -91,17 +91,32 @@ class _Adapter(CheckedRestore):
     def nbytes(self) -> int:
         return self.cache.nbytes
 
+    mlx_type: type = object  # the mlx-lm cache class this adapter wraps (each kind sets it)
+
     # mlx-lm moves this cache's offset itself as the model evaluates tokens
     counts_itself = True
 
     def advance(self, count: int) -> None:
         """Called after the model evaluated ``count`` tokens (it moved ``cache.offset``)."""
 
+    def adopt(self, cache: Any, offset: int) -> None:
+        """Take ``cache``, the same kind of mlx-lm cache evaluated elsewhere over ``offset``
+        tokens (mlx_lm.server's batch hands its caches back), as this layer's live state."""
+        if not isinstance(cache, self.mlx_type):
+            raise ValueError(
+                f"adopt(): a {type(cache).__name__} where this layer holds a "
+                f"{self.mlx_type.__name__}"
+            )
+        self.cache = cache
+        if self.offset != offset:
+            raise ValueError(f"adopt(): the cache holds {self.offset} tokens, not {offset}")
+
 
 class MLXKVLayer(RangeSnapshots, _Adapter):
     """Attention (``KVCache``): a snapshot holds keys and values of its own range only."""
 
     kind = LayerKind.KV
+    mlx_type = KVCache
 
     def snapshot(self, from_offset: int) -> Snapshot | None:
         cache = self.cache
@@ -156,6 +171,7 @@ class MLXRotatingLayer(WholeStateSnapshots, _Adapter):
     public ``state`` (the ring buffer and its position), copied; a restore assigns it back."""
 
     kind = LayerKind.ROTATING
+    mlx_type = RotatingKVCache
 
     def snapshot(self, from_offset: int) -> Snapshot | None:
         cache = self.cache
@@ -196,6 +212,7 @@ class MLXRecurrentLayer(WholeStateSnapshots, _Adapter):
     """
 
     kind = LayerKind.RECURRENT
+    mlx_type = ArraysCache
     counts_itself = False  # the adapter counts, from what it is told was evaluated
 
     def __init__(self, cache: ArraysCache, faults: Faults) -> None:
@@ -208,6 +225,11 @@ class MLXRecurrentLayer(WholeStateSnapshots, _Adapter):
 
     def advance(self, count: int) -> None:
         self._offset += count
+
+    def adopt(self, cache: Any, offset: int) -> None:
+        """A recurrent cache can't say how many tokens it holds: the caller's count is it."""
+        self._offset = offset
+        super().adopt(cache, offset)
 
     def snapshot(self, from_offset: int) -> Snapshot | None:
         if self._offset == 0 or all(a is None for a in self.cache.cache):

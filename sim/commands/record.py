@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..outputs import check_output
     from ..record import Recorder, RecordSettings
+    from ..recording import TraceRecorder
 
     host, port = _listen(args.listen)
     upstream = _upstream(args.upstream)
@@ -98,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(args.tokenizer)
     settings = RecordSettings(upstream, args.out, args.hashed, args.block_size, args.upstream_timeout)
     with open(args.out, "x", encoding="utf-8") as handle:
-        recorder = Recorder(settings, tokenizer, handle)
+        trace = TraceRecorder(handle, len(tokenizer), {"upstream": upstream}, args.hashed,
+                              args.block_size)
+        recorder = Recorder(settings, tokenizer, trace)
         try:
             asyncio.run(_serve(recorder, host, port))
         except OSError as exc:
@@ -107,30 +110,26 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--listen {host}:{port}: {exc.strerror or exc}") from None
         except KeyboardInterrupt:
             pass
-    print(f"recorded {recorder.written} requests to {args.out}", file=sys.stderr)
+    print(f"recorded {recorder.trace.written} requests to {args.out}", file=sys.stderr)
     return EXIT_OK
 
 
 async def _serve(recorder: Any, host: str, port: int) -> None:
     """Serve until SIGINT or SIGTERM; the header goes out once the port is ours."""
     import asyncio
-    import json
     import signal
 
     from aiohttp import web
 
     from ..record import build_app
 
-    header = recorder.header()
     app = build_app(recorder)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
         await site.start()  # an OSError here: the port is taken or the host is not ours
-        if header is not None:
-            recorder.handle.write(json.dumps(header) + "\n")
-            recorder.handle.flush()
+        recorder.trace.write_header()
         print(f"kvtrie record: listening on http://{host}:{port}, forwarding to "
               f"{recorder.settings.upstream}, writing {recorder.settings.out}", flush=True)
         stop = asyncio.Event()
