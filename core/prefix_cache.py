@@ -552,14 +552,7 @@ class Session:
         start = self.account.cached_tokens
         end = len(self.prompt) if until is None else max(start, min(until, len(self.prompt)))
         user = {m for m in user_marks if start <= m <= end}
-        stops = set(user)
-        if start <= self.snapshot_offset <= end:
-            stops.add(self.snapshot_offset)
-        stops.update(self.cache.policy.schedule.stops(start, end))
-        last = self.cache.last_point(len(self.prompt))
-        if self.cache.policy.last_token_restore_point.on and start < last <= end:
-            stops.add(last)
-        stops.discard(0)
+        stops = self._stops(start, end) | user
         result = None
         offset = start
         for stop in sorted(stops | {end}):
@@ -569,6 +562,26 @@ class Session:
             if stop in stops:
                 self.snapshot(user=stop in user)
         return result
+
+    def _stops(self, start: int, end: int) -> set[int]:
+        """Offsets in (0, end] where a prefill from ``start`` stops to snapshot: the pending
+        snapshot, the policy's schedule, the last-token restore point."""
+        stops = set()
+        if start <= self.snapshot_offset <= end:
+            stops.add(self.snapshot_offset)
+        stops.update(self.cache.policy.schedule.stops(start, end))
+        last = self.cache.last_point(len(self.prompt))
+        if self.cache.policy.last_token_restore_point.on and start < last <= end:
+            stops.add(last)
+        stops.discard(0)
+        return stops
+
+    def last_stop(self, until: int) -> int:
+        """The furthest offset up to ``until`` at which a prefill stops to snapshot (the cached
+        prefix when none): evaluating beyond it takes no snapshot, so a caller may leave
+        those tokens to its own model call (one call instead of two)."""
+        start = self.account.cached_tokens
+        return max(self._stops(start, max(start, until)) | {start})
 
     def snapshot(self, user: bool = False) -> None:
         """Advance the trie to the live offset and attach fresh snapshots there."""

@@ -27,6 +27,9 @@ REPLAY_WALL_TARGET_S = 20.0
 REPLAY_RSS_TARGET_BYTES = 2 << 30
 
 
+HIT_TTFT_TARGET = 1.1
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -150,7 +153,13 @@ def _warm_and_pagein(model: str, n: int, tail: int, repeats: int) -> dict[str, f
         s.close()
 
     def page_in() -> None:
+        import mlx.core as mx
+
+        from kvtrie.backends.mlx.adapters import arrays_of
+
         cache.begin(np.concatenate([prompt, other[:1]])).close()
+        # an attention restore is left lazy until the next model call: make it happen here
+        mx.eval(*[a for layer in cache.layers for a in arrays_of(layer.cache)])
 
     cold()  # compile and allocate once before timing
     t_cold = _median_seconds(cold, repeats)
@@ -204,6 +213,75 @@ def _zero_hit_overhead(
         "cache_off_seconds": statistics.median(t_off),
         "cache_on_seconds": statistics.median(t_on),
         "overhead_zero_hit": statistics.median(t_off) / statistics.median(t_on),
+    }
+
+
+def _hit_latency(model: str, n: int, repeats: int) -> dict[str, Any]:
+    """Time to first token on a cache hit, kvtrie's drop-in against mlx-lm's own
+    ``LRUPromptCache``: a conversation of ``n`` tokens is stored, another conversation is
+    served, then the first one's next turn (8 new tokens) is fetched and its first token
+    generated with ``generate_step``. Both caches serve the same prefilled tokens; rounds
+    alternate, so a busy machine slows both alike."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
+
+    from kvtrie.backends.mlx import MLXBackend, MLXPromptCache
+
+    backend = MLXBackend.from_name(model)
+    rng = np.random.default_rng(2)
+
+    def tokens(count: int) -> list[int]:
+        return [int(t) for t in rng.integers(5, backend.vocab_size, count)]
+
+    def generate(prompt: list[int], cache: list[Any], count: int) -> list[int]:
+        steps = generate_step(mx.array(prompt), backend.model, prompt_cache=cache, max_tokens=count)
+        return [int(token) for token, _ in steps]
+
+    def kvtrie_round(first: list[int], other: list[int], extra: list[int]) -> float:
+        cache = MLXPromptCache(backend.model, budget_bytes=None)
+        outputs = []
+        for prompt in (first, other):
+            caches, rest = cache.fetch(prompt)
+            outputs.append(generate(rest, caches, 8))
+            cache.store(outputs[-1])
+        turn = first + outputs[0] + extra
+        start = time.perf_counter()
+        caches, rest = cache.fetch(turn)
+        token = generate(rest, caches, 1)
+        seconds = time.perf_counter() - start
+        cache.store(token)
+        return seconds
+
+    def mlxlm_round(first: list[int], other: list[int], extra: list[int]) -> tuple[float, int]:
+        cache = LRUPromptCache(10)
+        outputs = []
+        for prompt in (first, other):
+            caches, rest = cache.fetch_nearest_cache("m", prompt)
+            caches = caches or make_prompt_cache(backend.model)
+            outputs.append(generate(rest, caches, 8))
+            cache.insert_cache("m", prompt + outputs[-1], caches)
+        turn = first + outputs[0] + extra
+        start = time.perf_counter()
+        caches, rest = cache.fetch_nearest_cache("m", turn)
+        generate(rest, caches or make_prompt_cache(backend.model), 1)
+        return time.perf_counter() - start, len(turn) - len(rest)
+
+    kvtrie_times, mlxlm_times = [], []
+    for round_ in range(repeats + 1):
+        first, other, extra = tokens(n), tokens(n), tokens(8)
+        k = kvtrie_round(first, other, extra)
+        m, cached = mlxlm_round(first, other, extra)
+        if round_:  # the first round compiles and allocates
+            kvtrie_times.append(k)
+            mlxlm_times.append(m)
+    kvtrie_s, mlxlm_s = statistics.median(kvtrie_times), statistics.median(mlxlm_times)
+    return {
+        "hit_model": model,
+        "hit_cached_tokens": cached,
+        "hit_ttft_kvtrie_seconds": kvtrie_s,
+        "hit_ttft_mlxlm_seconds": mlxlm_s,
+        "hit_ttft_ratio": kvtrie_s / mlxlm_s,
     }
 
 
@@ -296,6 +374,7 @@ def bench_mlx(quick: bool = False) -> dict[str, Any]:
         attention, 4 if quick else 8, 128 if quick else 512, 4 if quick else 16, repeats
     )
     comparisons = [row for m in (attention, hybrid) for row in _computed_vs_mlxlm(m)]
+    hit = _hit_latency("tiny-attention", 512 if quick else 2048, 5 if quick else 15)
     return {
         "benchmark": "mlx",
         "quick": quick,
@@ -305,16 +384,20 @@ def bench_mlx(quick: bool = False) -> dict[str, Any]:
         "attention_model": attention,
         **warm,
         **overhead,
+        **hit,
         "computed_tokens": comparisons,
         "targets": {
             "warm_cold_ratio": 0.8 * n / tail,
             "pagein_vs_recompute": 20.0,
             "overhead_zero_hit": 0.99,
+            # at or below mlx-lm's, with a stated 10 % for this CPU's run-to-run noise
+            "hit_ttft_ratio": HIT_TTFT_TARGET,
         },
         "targets_met": {
             "warm_cold_ratio": warm["warm_cold_ratio"] >= 0.8 * n / tail,
             "pagein_vs_recompute": warm["pagein_vs_recompute"] >= 20.0,
             "overhead_zero_hit": overhead["overhead_zero_hit"] >= 0.99,
+            "hit_ttft_ratio": hit["hit_ttft_ratio"] <= HIT_TTFT_TARGET,
             "kvtrie_computes_no_more": all(
                 c["kvtrie_computed_tokens"] <= c["mlxlm_computed_tokens"] for c in comparisons
             ),

@@ -24,11 +24,12 @@ __all__ = ["MLXPromptCache"]
 class MLXPromptCache:
     """kvtrie as the prompt cache of mlx-lm generation, shared across conversations.
 
-    ``fetch`` restores the longest cached prefix and evaluates all but the prompt's last token
-    (taking kvtrie's snapshots on the way); hand its caches and remaining token to
-    ``mlx_lm.generate_step`` / ``stream_generate`` as ``prompt_cache`` and ``prompt``; then
-    ``store`` the generated tokens. mlx-lm feeds every token it yields back into the model, so
-    the live state covers prompt + generated tokens.
+    ``fetch`` restores the longest cached prefix and evaluates the prompt only as far as a
+    scheduled snapshot needs (a restore point, ``snapshot-interval``, the last-token point);
+    hand its caches and the remaining tokens to ``mlx_lm.generate_step`` / ``stream_generate``
+    as ``prompt_cache`` and ``prompt``, so the rest of the prompt and the first token are one
+    model call, as without kvtrie; then ``store`` the generated tokens. mlx-lm feeds every
+    token it yields back into the model, so the live state covers prompt + generated tokens.
     """
 
     def __init__(
@@ -45,9 +46,11 @@ class MLXPromptCache:
         policy = POLICIES["kvtrie-improved"] if policy is None else policy
         self.cache = PrefixCache(self.backend.new_layers(), budget_bytes, policy)
         self._session: Session | None = None
+        self._fetched_at = 0  # the live offset fetch() left: mlx-lm evaluates from there
 
     def fetch(self, prompt: Sequence[int] | np.ndarray) -> tuple[list[Any], list[int]]:
-        """The live mlx-lm caches and the prompt tokens mlx-lm still has to evaluate (one)."""
+        """The live mlx-lm caches and the prompt tokens mlx-lm still has to evaluate (at least
+        one)."""
         if self._session is not None:
             previous, self._session = self._session, None
             previous.cache.fall_back_to_root()  # its generated tokens are unknown: recompute
@@ -59,8 +62,10 @@ class MLXPromptCache:
             )
         layers = self.cache.layers
         self._session = session = self.cache.begin(prompt)
-        session.prefill(lambda t: self.backend.evaluate(layers, t), until=len(session.prompt) - 1)
-        return [layer.cache for layer in layers], [int(session.prompt[-1])]
+        until = session.last_stop(len(session.prompt) - 1)
+        session.prefill(lambda t: self.backend.evaluate(layers, t), until=until)
+        self._fetched_at = until
+        return [layer.cache for layer in layers], [int(t) for t in session.prompt[until:]]
 
     def store(self, generated: Sequence[int]) -> None:
         """Record every token mlx-lm yielded after ``fetch`` (the EOS token too): mlx-lm fed
@@ -75,17 +80,18 @@ class MLXPromptCache:
         if session is None:
             raise RuntimeError("store() without a fetch()")
         generated = list(generated)
-        evaluated = 1 + len(generated)  # the last prompt token and every yielded token
-        start = len(session.prompt) - 1
+        start = self._fetched_at
+        left = len(session.prompt) - start  # the prompt tokens fetch() handed to mlx-lm
+        evaluated = left + len(generated)  # those, and every yielded token
         counted = [layer.offset - start for layer in self.cache.layers if layer.counts_itself]
         if any(count != evaluated for count in counted):
             self.cache.fall_back_to_root()
             session.close()
             raise ValueError(
                 f"store() was given {len(generated)} generated tokens ({evaluated} evaluated "
-                f"after fetch() with the last prompt token), but the model evaluated "
-                f"{counted[0]}: pass every token mlx-lm yielded, the EOS token too (the live "
-                "state was dropped; the next request recomputes)"
+                f"after fetch() with its {left} prompt tokens), but the model evaluated "
+                f"{counted[0]}: pass every token mlx-lm yielded, the EOS token too (the "
+                "live state was dropped; the next request recomputes)"
             )
         for layer in self.cache.layers:
             layer.advance(evaluated)

@@ -17,8 +17,11 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import mlx.core as mx
+
 from kvtrie.core.prefix_cache import POLICIES, CachePolicy, PrefixCache
 
+from .adapters import arrays_of
 from .backend import MLXBackend
 from .models import vocab_of
 
@@ -59,6 +62,8 @@ class ServerPromptCache:
         with self.lock:
             session = self.cache.begin(tokens)
             cached = session.cached_tokens
+            live = [a for layer in self.cache.layers for a in arrays_of(layer.cache)]
+            mx.eval(*live)  # a restore is left lazy; the copies must not share its graph
             caches = [copy.deepcopy(layer.cache) for layer in self.cache.layers] if cached else None
             session.close()
             if self.on_fetch is not None:

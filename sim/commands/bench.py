@@ -42,6 +42,12 @@ def _print_mlx_bench(results: dict) -> None:
         f"{results['pagein_vs_recompute']:.1f}, overhead_zero_hit "
         f"{results['overhead_zero_hit']:.3f}"
     )
+    print(
+        f"  hit time to first token ({results['hit_model']}, {results['hit_cached_tokens']:,} "
+        f"cached): kvtrie {results['hit_ttft_kvtrie_seconds'] * 1000:.1f} ms, mlx-lm "
+        f"{results['hit_ttft_mlxlm_seconds'] * 1000:.1f} ms (ratio "
+        f"{results['hit_ttft_ratio']:.2f})"
+    )
     for row in results["computed_tokens"]:
         print(
             f"  {row['model']} budget "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -100,8 +101,12 @@ def run(args: argparse.Namespace) -> int:
     if recorder is not None:
         print(f"recorded {recorder.written} requests to {args.record}", file=sys.stderr)
     summary = settings.summary
-    if summary:
-        print("kvtrie serve: " + json.dumps(summary), flush=True)
-        if summary["violations"]:
-            return EXIT_VIOLATION
-    return EXIT_OK
+    if not summary:
+        return EXIT_OK
+    print("kvtrie serve: " + json.dumps(summary), flush=True)
+    code = EXIT_VIOLATION if summary["violations"] else EXIT_OK
+    # mlx_lm.server's request threads are daemons that may still be inside MLX when the
+    # interpreter tears down, which can abort the process ("terminate called without an
+    # active exception"); everything is written and flushed, so leave without the teardown
+    sys.stderr.flush()
+    os._exit(code)
