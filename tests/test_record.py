@@ -147,15 +147,14 @@ def test_a_recorded_session_replays_with_its_conversation_structure(
         shared = max((_common(line["prompt"], c["prompt"]) for c in chats[:i]), default=0)
         structure += min(shared, len(line["prompt"]) - 1)
     report = tmp_path / "report.json"
-    assert main(["replay", str(out), "--budget", "inf", "-q", "--report", str(report)]) == 0
+    assert main(["replay", str(out), "--budget", "inf", "--policy", "kvtrie-improved", "-q",
+                 "--report", str(report)]) == 0
     replayed = json.loads(report.read_text())
     assert replayed["requests"] == 7
     # the ideal also counts the replay's own generated outputs; they match a recorded prompt
     # only by chance, a token at a time
     assert structure <= replayed["ideal_cached_tokens"] <= structure + 7
-    assert replayed["cached_tokens"] == replayed["ideal_cached_tokens"] or (
-        replayed["policy"] == "kvtrie-seed"
-    )
+    assert replayed["cached_tokens"] == replayed["ideal_cached_tokens"]
 
 
 def test_a_hashed_recording_holds_no_token_and_keeps_the_reuse(tmp_path, upstream):
