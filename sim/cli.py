@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ from kvtrie import __version__
 from .commands import (
     EXIT_BAD_INPUT,
     EXIT_INTERNAL,
+    EXIT_OK,
     UsageError,
     bench,
     convert,
@@ -62,6 +64,11 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"kvtrie {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (| head): not an error of ours; point stdout at
+        # /dev/null so the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:
         if args.verbose:
             traceback.print_exc()

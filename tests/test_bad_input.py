@@ -290,3 +290,16 @@ def test_the_gate_loader_parses_or_names_the_line(tmp_path_factory, content):
         load_config(path, needs_baseline=False)
     except GateError as exc:
         assert str(exc).startswith(str(path))
+
+
+def test_a_reader_that_hangs_up_is_not_an_internal_error():
+    """``kvtrie ... | head``: the pipe closes under the command's output (``true`` closes it
+    before the first write, so the write always meets a closed pipe)."""
+    import subprocess
+    import sys
+
+    command = f"{sys.executable} -m kvtrie.sim.cli gen agent --out - | true"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr
