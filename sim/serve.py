@@ -73,6 +73,7 @@ class _Recording:
                 (p for p in reversed(self.pending) if tokens[: len(p[2])] == p[2]), None
             )
             if found is None:
+                log.warning("a finished answer matches no fetched prompt: not recorded")
                 return
             self.pending.remove(found)
         seq, arrival, prompt = found
