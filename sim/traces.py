@@ -32,6 +32,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MOONCAKE_BLOCK",
     "check_int",
+    "check_number",
     "expand_blocks",
     "fail",
     "ReadOptions",
@@ -213,6 +214,16 @@ def check_int(
     return value
 
 
+def check_number(
+    value: Any, name: str, path: Path, line: int | None, unit: str = ""
+) -> float:
+    """``value`` as a number >= 0 (a time: ``unit`` says which, e.g. " of seconds"), or a
+    TraceError naming ``name``; NaN is no number here."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise fail(path, line, f"{name} must be a number{unit} >= 0, got {short(value)}")
+    return float(value)
+
+
 def short(value: Any) -> str:
     """A value for an error message, cut to a readable length."""
     text = repr(value)
@@ -297,8 +308,7 @@ def _parse_kvtrie(path: Path, lines: list[tuple[int, dict]], vocab: int | None) 
         if rid in lengths:
             raise fail(path, number, f"duplicate request id {rid!r}")
         arrival = obj.get("arrival_ms", last_arrival if requests else 0)
-        if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or arrival < 0:
-            raise fail(path, number, f"arrival_ms must be a number >= 0, got {arrival!r}")
+        check_number(arrival, "arrival_ms", path, number)
         if arrival < last_arrival:
             raise fail(
                 path,

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..traces import ReadOptions, Request, Trace, check_int, fail, short
+from ..traces import ReadOptions, Request, Trace, check_int, check_number, fail, short
 from .blocks import BlockIds, check_block_count, check_hash_ids
 
 __all__ = ["AGENTIC_BLOCK", "is_agentic", "load_agentic"]
@@ -56,11 +56,8 @@ class _Conversation:
 
 
 def _seconds(value: Any, name: str, path: Path, where: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise fail(path, None, f"{where}{name} must be a number of seconds >= 0, got {short(value)}")
-    return float(value)
+    """An optional time of a request (``t``, ``api_time``, ``think_time``)."""
+    return None if value is None else check_number(value, f"{where}{name}", path, None, " of seconds")
 
 
 def _walk(

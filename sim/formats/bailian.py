@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..traces import ReadOptions, Request, Trace, check_int, fail, short
+from ..traces import ReadOptions, Request, Trace, check_int, check_number, fail, short
 from .blocks import BlockIds, check_block_count, check_hash_ids
 
 __all__ = ["BAILIAN_BLOCK", "parse_bailian"]
@@ -54,9 +54,7 @@ def parse_bailian(path: Path, lines: list[tuple[int, dict]], options: ReadOption
                     "come in order, parent first (-1 marks a first turn)",
                 )
             roots[chat] = roots[parent]
-        stamp = obj["timestamp"]
-        if isinstance(stamp, bool) or not isinstance(stamp, (int, float)) or not stamp >= 0:
-            raise fail(path, number, f"timestamp must be a number of seconds >= 0, got {short(stamp)}")
+        stamp = check_number(obj["timestamp"], "timestamp", path, number, " of seconds")
         if stamp < last:
             raise fail(path, number, f"timestamp {stamp:g} is before the previous line's {last:g}")
         last = stamp
@@ -75,7 +73,7 @@ def parse_bailian(path: Path, lines: list[tuple[int, dict]], options: ReadOption
             Request(
                 id=chat,
                 conversation=roots[chat],
-                arrival_ms=float(stamp) * 1000.0,
+                arrival_ms=stamp * 1000.0,
                 line=number,
                 hash_ids=tuple(hashed),
                 input_length=length,

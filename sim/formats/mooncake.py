@@ -11,20 +11,22 @@ into the same tokens it always has.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from ..traces import MOONCAKE_BLOCK, ReadOptions, Request, Trace, check_int, fail, short
+from ..traces import (
+    MOONCAKE_BLOCK,
+    ReadOptions,
+    Request,
+    Trace,
+    check_int,
+    check_number,
+    fail,
+    short,
+)
 from .blocks import check_block_count, check_hash_ids, id_limit
 
 __all__ = ["parse_mooncake"]
 
 FIELDS = ("input_length", "output_length", "hash_ids")
-
-
-def _milliseconds(value: Any, name: str, path: Path, number: int) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise fail(path, number, f"{name} must be a number >= 0, got {short(value)}")
-    return float(value)
 
 
 def parse_mooncake(path: Path, lines: list[tuple[int, dict]], options: ReadOptions) -> Trace:
@@ -43,9 +45,9 @@ def parse_mooncake(path: Path, lines: list[tuple[int, dict]], options: ReadOptio
         session = obj.get("session_id")
         if session is not None and (isinstance(session, bool) or not isinstance(session, (str, int))):
             raise fail(path, number, f"session_id must be a string or integer, got {short(session)}")
-        delay = _milliseconds(obj.get("delay", 0), "delay", path, number)
+        delay = check_number(obj.get("delay", 0), "delay", path, number)
         if "timestamp" in obj:
-            stamp = _milliseconds(obj["timestamp"], "timestamp", path, number)
+            stamp = check_number(obj["timestamp"], "timestamp", path, number)
             if stamp < last_stamp:
                 raise fail(
                     path, number, f"timestamp {stamp:g} is before the previous line's {last_stamp:g}"
