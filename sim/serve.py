@@ -19,7 +19,6 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from kvtrie.core.policy import CachePolicy
@@ -40,12 +39,8 @@ class ServeSettings:
     summary: dict[str, Any] = field(default_factory=dict)  # the cache's, when it stopped
 
 
-def context_of(model_dir: Path) -> int | None:
+def context_of(config: dict[str, Any]) -> int | None:
     """The model's context from its config.json (``max_position_embeddings``), if it says."""
-    try:
-        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
     value = config.get("max_position_embeddings")
     return value if isinstance(value, int) and value > 0 else None
 

@@ -16,11 +16,26 @@ from .adapters import MLXLayer, adapt, arrays_of, state_difference
 from .models import TINY_MODELS, build_tiny_model, tiny_model, vocab_of
 from .tolerance import STRICT, Tolerance, measure_tolerance
 
-__all__ = ["LOGIT_TOLERANCE", "MLXBackend", "PREFILL_CHUNK"]
+__all__ = ["LOGIT_TOLERANCE", "MLXBackend", "PREFILL_CHUNK", "read_config"]
 
 # Max |logit difference| accepted in float32 (lower precision: measured, see tolerance.py).
 LOGIT_TOLERANCE = STRICT
 PREFILL_CHUNK = 2048
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A local model directory's config.json, or a ValueError naming the file: checked
+    before mlx-lm loads it, whose own errors name no file."""
+    config = path / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{config}: missing; an MLX model directory holds config.json")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{config}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{config}: expected a JSON object")
+    return data
+
 
 class MLXBackend:
     """Runs an mlx-lm model over kvtrie's layer adapters."""
@@ -59,13 +74,7 @@ class MLXBackend:
                 f"unknown MLX model {name!r}: use {', '.join(TINY_MODELS)} or a local model "
                 "directory (weights are never downloaded)"
             )
-        config = path / "config.json"
-        if not config.is_file():
-            raise ValueError(f"{config}: missing; an MLX model directory holds config.json")
-        try:
-            json.loads(config.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{config}: not valid JSON ({exc})") from None
+        read_config(path)
         from mlx_lm import load
 
         try:

@@ -44,18 +44,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _model_dir(path: Path) -> dict:
-    config = path / "config.json"
+    """The model directory's config.json, or one line naming what is wrong."""
+    from kvtrie.backends.mlx.backend import read_config
+
     if not path.is_dir():
         raise UsageError(f"--model {path}: no such directory (weights are never downloaded)")
-    if not config.is_file():
-        raise UsageError(f"{config}: missing; an MLX model directory holds config.json")
     try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{config}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{config}: expected a JSON object")
-    return data
+        return read_config(path)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--record-hashed needs --record FILE")
     if args.max_context is not None and args.max_context < 1:
         raise UsageError(f"--max-context must be >= 1, got {args.max_context}")
-    context = args.max_context or context_of(args.model)
+    context = args.max_context or context_of(config)
     argv = ["--model", str(args.model), *getattr(args, "extra", [])]
     handle = open(args.record, "x", encoding="utf-8") if args.record is not None else None
     try:
