@@ -9,6 +9,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from third_party import third_party
 
 from kvtrie.sim.cli import main
 
@@ -36,6 +37,8 @@ model = "qwen3-next-hybrid"
 
 
 def test_committed_gate_passes_in_its_quick_form():
+    third_party("mooncake")  # the gate replays the third-party traces: skipped without them
+    third_party("agentic")
     # a child process, so typeguard's slowdown stays out; timing stays lenient on a busy runner
     code = subprocess.run(
         [

@@ -121,10 +121,11 @@ def cache_dir() -> Path:
 
 
 def shared_dirs() -> list[Path]:
-    """``shared/traces/`` folders beside the checkout: of the working directory, and of the
-    source tree of an editable install."""
+    """``shared/traces/`` folders beside the checkout: ``$KVTRIE_SHARED_TRACES`` when set,
+    that of the working directory, and that of the source tree of an editable install."""
     here = Path(__file__).resolve().parent
-    return [Path.cwd().parent / "shared" / "traces", here.parent.parent / "shared" / "traces"]
+    named = [Path(os.environ["KVTRIE_SHARED_TRACES"])] if os.environ.get("KVTRIE_SHARED_TRACES") else []
+    return [*named, Path.cwd().parent / "shared" / "traces", here.parent.parent / "shared" / "traces"]
 
 
 def _complete(trace: ThirdParty, folder: Path) -> bool:
