@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import multiprocessing
 import os
 import tempfile
 import time
@@ -19,6 +18,7 @@ from kvtrie.backends.fake import FakeBackend
 from kvtrie.backends.profiles import ModelProfile
 from kvtrie.core.render import format_bytes
 
+from .executors import Executor, LocalExecutor
 from .outputs import write_atomic
 from .peers import KVTRIE_PEERS, PeerUnavailable, Workload, costs_of, make_peer
 from .traces import Trace, resolve_prompt
@@ -72,18 +72,24 @@ def materialize(trace: Trace, profile: ModelProfile) -> Workload:
     return workload
 
 
-_SHARED: dict[str, Any] = {}  # the workload and profile, inherited by forked workers
+@dataclass(frozen=True)
+class SweepInput:
+    """What every cell reads: sent to each worker once, not once a cell."""
+
+    profile: ModelProfile
+    workload: Workload
+    marks: list[tuple[int, ...]]
 
 
-def _cell(args: tuple[str, int | None]) -> tuple[SweepRow, list]:
+def _cell(shared: SweepInput, cell: tuple[str, int | None]) -> tuple[SweepRow, list]:
     """One (policy, budget) cell: every request through one peer, kvtrie's own included."""
-    policy, budget = args
-    profile, workload = _SHARED["profile"], _SHARED["workload"]
+    policy, budget = cell
+    profile, workload = shared.profile, shared.workload
     started = time.perf_counter()
     prompt_tokens = sum(len(p) for p, _ in workload)
     try:
         peer = make_peer(
-            policy, budget, costs_of(profile), workload, profile=profile, marks=_SHARED["marks"]
+            policy, budget, costs_of(profile), workload, profile=profile, marks=shared.marks
         )
     except PeerUnavailable as why:
         return SweepRow(policy, budget, 0.0, 0, prompt_tokens, 0, 0.0, str(why)), []
@@ -111,12 +117,13 @@ def run_sweep(
     profile: ModelProfile,
     budgets: list[int | None],
     policies: list[str],
-    processes: int | None = None,
+    executor: Executor | None = None,
     progress: bool | None = None,
     marks: list[tuple[int, ...]] | None = None,
 ) -> tuple[list[SweepRow], dict[str, list]]:
-    """Every (policy, budget) cell, on all cores; rows in policy then budget order. ``marks``
-    are each request's user restore points (only kvtrie's policies use them)."""
+    """Every (policy, budget) cell, on ``executor`` (default: every core of this machine);
+    rows in policy then budget order, the same whichever executor ran them. ``marks`` are each
+    request's user restore points (only kvtrie's policies use them)."""
     from tqdm import tqdm
 
     unknown = [p for p in policies if p not in ALL_POLICIES]
@@ -124,33 +131,21 @@ def run_sweep(
         raise ValueError(f"unknown policies {unknown}; choose from {', '.join(ALL_POLICIES)}")
     # ideal and none do not depend on the budget: one cell each
     cells = [(p, b) for p in policies for b in (budgets if p not in BUDGET_FREE else [None])]
-    marks = marks or [()] * len(workload)
-    _SHARED.update(profile=profile, workload=workload, marks=marks)  # not pickled per cell
-    # the longest cells first, so the pool is not left waiting on one at the end
+    shared = SweepInput(profile, workload, marks or [()] * len(workload))
+    # the longest cells first, so the workers are not left waiting on one at the end
     cells.sort(key=lambda c: (c[0] not in ("belady", "vllm-blocks", *KVTRIE_PEERS),))
     rows, timelines = [], {}
-    workers = processes or os.cpu_count() or 1
     bar = tqdm(
         total=len(cells),
         desc="sweep",
         unit="cell",
         disable=None if progress is None else not progress,
     )
-    context = multiprocessing.get_context("fork") if hasattr(os, "fork") else None
-    if workers > 1 and context is not None:
-        with context.Pool(workers) as pool:
-            for row, timeline in pool.imap_unordered(_cell, cells):
-                rows.append(row)
-                if timeline:
-                    timelines[f"{row.policy}@{_budget_label(row.budget_bytes)}"] = timeline
-                bar.update(1)
-    else:
-        for cell in cells:
-            row, timeline = _cell(cell)
-            rows.append(row)
-            if timeline:
-                timelines[f"{row.policy}@{_budget_label(row.budget_bytes)}"] = timeline
-            bar.update(1)
+    for row, timeline in (executor or LocalExecutor()).map_unordered(_cell, shared, cells):
+        rows.append(row)
+        if timeline:
+            timelines[f"{row.policy}@{_budget_label(row.budget_bytes)}"] = timeline
+        bar.update(1)
     bar.close()
     order = {p: i for i, p in enumerate(policies)}
     rows.sort(

@@ -10,6 +10,7 @@ import pytest
 
 from kvtrie.backends.profiles import get_profile
 from kvtrie.sim.cli import main
+from kvtrie.sim.executors import LocalExecutor
 from kvtrie.sim.peers import BLOCK, PEERS, Costs, costs_of, make_peer
 from kvtrie.sim.sweep import materialize, run_sweep
 from kvtrie.sim.traces import load_trace
@@ -103,7 +104,7 @@ def test_sweep_improved_policy_reaches_the_ideal_unbounded_within_its_budget():
         profile,
         [256 << 20, None],
         ["ideal", "vllm-blocks", "kvtrie-seed", "kvtrie-improved"],
-        processes=1,
+        LocalExecutor(1),
         progress=False,
     )
     hit = {(r.policy, r.budget_bytes): r.hit_ratio for r in rows}

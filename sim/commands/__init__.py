@@ -4,8 +4,14 @@ handler (``run``), which returns the exit code."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ..traces import ReadOptions
+
+if TYPE_CHECKING:
+    from ..executors import Executor
 
 EXIT_OK, EXIT_VIOLATION, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 MUTATION_KILL_TARGET = 0.9
@@ -93,3 +99,38 @@ def positive(option: str, value: int | None) -> None:
     """``option`` must be an integer >= 1 when given."""
     if value is not None and value < 1:
         raise UsageError(f"{option} must be >= 1, got {value}")
+
+
+def executor_options(parser: argparse.ArgumentParser) -> None:
+    """Where the work runs (``kvtrie sweep``, ``kvtrie fuzz``)."""
+    group = parser.add_argument_group("where the work runs")
+    group.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this machine's processes (default); ray: a Ray cluster (pip install "
+        "'kvtrie[ray]'), the same results",
+    )
+    group.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDR",
+        help="the Ray cluster to join (host:port, or auto); default: start a Ray instance on "
+        "this machine. Each node needs this version of kvtrie installed",
+    )
+
+
+@contextlib.contextmanager
+def open_executor(args: argparse.Namespace, workers: int | None) -> Iterator[Executor]:
+    """The executor of ``executor_options()``, closed after the work; one that cannot start
+    is bad usage (exit 2)."""
+    from ..executors import ExecutorUnavailable, make_executor
+
+    try:
+        executor = make_executor(args.executor, workers, args.address)
+    except ExecutorUnavailable as why:
+        raise UsageError(str(why)) from None
+    try:
+        yield executor
+    finally:
+        executor.close()

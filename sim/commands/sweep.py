@@ -7,7 +7,16 @@ import time
 from pathlib import Path
 
 from ..build import parse_size, trace_inputs, trace_path
-from . import EXIT_OK, UsageError, common_options, positive, read_options, trace_options
+from . import (
+    EXIT_OK,
+    UsageError,
+    common_options,
+    executor_options,
+    open_executor,
+    positive,
+    read_options,
+    trace_options,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,8 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Replay one trace through kvtrie's policies and simulated peers (no cache, "
         "the single-entry cache, mlx-lm's prompt cache simulated and real, SGLang's radix "
         "cache, vLLM's block cache, llama.cpp's slots, the infinite ideal and an offline "
-        "Belady bound) at each budget, with the same byte accounting, on all cores. Writes "
-        "sweep.json, sweep.csv, sweep.md and PNG plots to --out.",
+        "Belady bound) at each budget, with the same byte accounting, on all cores (or a Ray "
+        "cluster's, with --executor ray). Writes sweep.json, sweep.csv, sweep.md and PNG plots "
+        "to --out.",
     )
     sweep.add_argument("trace", help="a trace file or a bundled trace name")
     sweep.add_argument(
@@ -32,7 +42,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument(
         "--limit", type=int, default=None, metavar="N", help="only the first N requests"
     )
-    sweep.add_argument("--processes", type=int, default=None, help="default: every core")
+    sweep.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="cells at a time (default: every core of this machine, or of the Ray cluster)",
+    )
+    executor_options(sweep)
     sweep.add_argument("--out", type=Path, default=Path("sweep-out"), help="output folder")
     sweep.add_argument("-q", "--quiet", action="store_true", help="no table, no progress bar")
     sweep.set_defaults(func=run)
@@ -68,21 +84,23 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     workload = materialize(trace, profile)
     marks = [request.user_snapshots for request in trace.requests]
-    rows, timelines = run_sweep(
-        workload,
-        profile,
-        budgets,
-        policies,
-        args.processes,
-        progress=False if args.quiet else None,
-        marks=marks,
-    )
+    with open_executor(args, args.processes) as executor:
+        rows, timelines = run_sweep(
+            workload,
+            profile,
+            budgets,
+            policies,
+            executor,
+            progress=False if args.quiet else None,
+            marks=marks,
+        )
     meta = {
         "trace": trace.path,
         "sha256": trace.sha256,
         "reading": trace.reading,
         "model": profile.name,
         "requests": len(workload),
+        "executor": args.executor,
         "wall_seconds": time.perf_counter() - started,
     }
     files = write_sweep(args.out, meta, rows, budgets, timelines)
