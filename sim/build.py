@@ -18,6 +18,7 @@ __all__ = [
     "make_backend",
     "make_cache",
     "make_policy",
+    "parse_duration",
     "parse_size",
     "trace_inputs",
     "trace_path",
@@ -57,6 +58,23 @@ def parse_size(text: str, option: str = "") -> int | None:
     if len(number) > 30 or float(number) * unit > MAX_SIZE:
         raise ValueError(f"{where}{text[:40]!r} is more than 8 EiB; use inf for unbounded")
     return int(float(number) * unit)
+
+
+_SECONDS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, option: str = "") -> float:
+    """``90s``, ``10m``, ``1.5h``, ``1d`` or plain seconds, more than zero; errors start with
+    ``option`` when given."""
+    where = f"{option}: " if option else ""
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not found or found.group(2).lower() not in _SECONDS or len(found.group(1)) > 12:
+        shown = text if len(text) <= 40 else f"{text[:37]}..."
+        raise ValueError(f"{where}bad duration {shown!r}: use a number with s, m, h or d, e.g. 10m")
+    seconds = float(found.group(1)) * _SECONDS[found.group(2).lower()]
+    if seconds <= 0:
+        raise ValueError(f"{where}the duration must be more than 0 seconds, got {text!r}")
+    return seconds
 
 
 def default_model(backend: str) -> str:

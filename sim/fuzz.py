@@ -112,7 +112,6 @@ def _backend_factory(backend: str, model: str) -> Callable[[], Any]:
         return lambda: FakeBackend(shared.profile)
     from kvtrie.backends.base import Faults
 
-
     def fresh() -> Any:
         shared.faults = Faults()
         return shared
@@ -307,6 +306,7 @@ def _write_regression(config: FuzzConfig, machine: Any, failure: str) -> Path:
         "budget_bytes": None,
         "found_by": "kvtrie fuzz",
         "mutant": config.mutant,
+        "seed": config.seed,  # kvtrie fuzz --seed S draws this example again
         "failure": failure.splitlines()[0][:500],
     }
     path = config.out_dir / name

@@ -7,7 +7,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..mutants import AREAS
-from . import EXIT_OK, EXIT_VIOLATION, MUTATION_KILL_TARGET, UsageError, common_options, positive
+from . import (
+    EXIT_OK,
+    EXIT_VIOLATION,
+    MUTATION_KILL_TARGET,
+    UsageError,
+    common_options,
+    executor_options,
+    open_executor,
+    positive,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "both backends, the checker and the replayer) faces the self-tests, then the fuzzer; "
         "a fuzzer kill counts only if its shrunk trace fails on the mutant and replays clean on "
         "the real code, and a Hypothesis error is an error, not a kill. Exit 1 on a failure, an "
-        "error, or an area's kill rate under 90%; 2 on bad input.",
+        "error, or an area's kill rate under 90%; 2 on bad input. --workers, --duration or "
+        "--executor ray make it a campaign: independent shards with seeds of their own, "
+        "side by side on this machine or a Ray cluster, each failure shrunk where it ran and "
+        "written here with its seed.",
     )
     fuzz.add_argument("--backend", choices=["fake", "mlx"], default="fake")
     fuzz.add_argument(
@@ -72,6 +84,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "fuzz-mutants for mutation runs)",
     )
     fuzz.add_argument("--report", type=Path, help="write the JSON results here")
+    campaign = fuzz.add_argument_group("a campaign of shards")
+    campaign.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="shards at a time (default: every core of this machine, or of the Ray cluster); "
+        "shard k draws with seed S*1000000+k, S being --seed (default 0)",
+    )
+    campaign.add_argument(
+        "--duration",
+        default=None,
+        metavar="TIME",
+        help="start shards until TIME is spent (90s, 10m, 1h), those running then finish; "
+        "default: one shard a worker. A shard is --examples (or the profile's) examples",
+    )
+    executor_options(fuzz)
     fuzz.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     fuzz.set_defaults(func=run)
 
@@ -88,7 +117,7 @@ def _fuzz_summary(result) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..build import make_backend
+    from ..build import make_backend, parse_duration
     from ..fuzz import PROFILES, FuzzConfig, run_fuzz
     from ..mutants import MUTANTS
     from ..outputs import check_output, check_output_dir, write_output
@@ -100,12 +129,22 @@ def run(args: argparse.Namespace) -> int:
     else:
         names = [n for n, m in MUTANTS.items() if args.mutants in ("all", m.area)]
     mutation = names != [None]
+    campaign = args.workers is not None or args.duration is not None or args.executor != "local"
     out = args.out or Path("fuzz-mutants" if mutation else "tests/regressions")
     try:
         if args.mutant is not None and args.mutant not in MUTANTS:
             raise UsageError(f"unknown mutant {args.mutant!r}; choose one of {', '.join(MUTANTS)}")
         positive("--examples", args.examples)
         positive("--steps", args.steps)
+        positive("--workers", args.workers)
+        duration = None if args.duration is None else parse_duration(args.duration, "--duration")
+        if campaign and mutation:
+            raise UsageError(
+                "--workers, --duration and --executor ray run a campaign of the "
+                "real code; not with --mutant or --mutants"
+            )
+        if args.address is not None and args.executor != "ray":
+            raise UsageError("--address needs --executor ray")
         if not args.time_limit > 0:
             raise UsageError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
         if args.model is not None:
@@ -127,7 +166,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     report: dict = {"backend": args.backend, "models": list(base.models), "profile": args.profile}
-    if not mutation:
+    if campaign:
+        code = _campaign(args, base, duration, report)
+    elif not mutation:
         result = run_fuzz(base)
         print(f"fuzz {args.backend}/{','.join(base.models)}: {_fuzz_summary(result)}")
         if result.failure:
@@ -164,6 +205,47 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         write_output(args.report, report_json(report))
     return code
+
+
+def _campaign(args: argparse.Namespace, base, duration: float | None, report: dict) -> int:
+    """Shards of the fuzzer side by side; a line a worker, and exit 1 on any failure or error."""
+    from ..campaign import run_campaign
+
+    with open_executor(args, args.workers) as executor:
+        result = run_campaign(
+            base,
+            executor,
+            duration,
+            campaign_seed=args.seed or 0,
+            progress=not args.quiet,
+        )
+    models = ",".join(base.models)
+    print(
+        f"fuzz campaign {args.backend}/{models} on {args.executor} ({executor.workers} at a "
+        f"time): {len(result.shards)} shards, {sum(s.examples for s in result.shards)} state "
+        f"machines, {sum(s.steps for s in result.shards)} steps, {len(result.failures)} "
+        f"failures, {len(result.errors)} errors, {result.seconds:.1f} s"
+    )
+    print(
+        f"{'worker':28} {'shards':>6} {'examples':>9} {'steps':>8} {'failures':>8} {'seconds':>8}"
+    )
+    for worker, row in result.per_worker().items():
+        print(
+            f"{worker:28} {row['shards']:6} {row['examples']:9} {row['steps']:8} "
+            f"{row['failures']:8} {row['seconds']:8.1f}"
+        )
+    for shard in result.failures:
+        path = next((p for p in result.regression_traces if p.endswith(str(shard.trace_name))), "")
+        print(
+            f"FAILED (shard {shard.index}, seed {shard.seed}): {shard.failure}\nshrunk to "
+            f"{shard.shrunk_requests} requests: {path} (kvtrie replay reproduces it)"
+        )
+    for shard in result.errors:
+        print(
+            f"ERROR (shard {shard.index}, seed {shard.seed}): Hypothesis could not run: {shard.error}"
+        )
+    report.update(executor=args.executor, at_a_time=executor.workers, **result.as_dict())
+    return EXIT_VIOLATION if result.failures or result.errors else EXIT_OK
 
 
 def _mutation_check(names: list[str], configs: dict, report: dict, selftests: bool) -> int:
