@@ -166,3 +166,22 @@ def test_a_sweep_joins_a_running_ray_cluster_at_its_address(tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+
+
+NO_RAY = """
+import sys
+from kvtrie.sim.cli import main
+out = sys.argv[1]
+codes = [main(["replay", "shared-prefix", "-q"]),
+         main(["sweep", "shared-prefix", "-q", "--budgets", "64MiB", "--policies", "none",
+               "--out", out]),
+         main(["fuzz", "-q", "--examples", "5", "--steps", "3", "--out", out])]
+print(codes, "ray" in sys.modules)
+"""
+
+
+def test_the_core_and_the_default_commands_never_import_ray(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-c", NO_RAY, str(tmp_path)], capture_output=True, text=True
+    )
+    assert run.stdout.split()[-4:] == ["[0,", "0,", "0]", "False"], run.stderr[-2000:]
