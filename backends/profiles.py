@@ -105,11 +105,12 @@ def _parse_profile(name: str, table: object, source: str) -> ModelProfile:
     return ModelProfile(name=name, layers=tuple(specs), vocab_size=vocab, description=description)
 
 
-def load_profiles(path: Path | None = None) -> dict[str, ModelProfile]:
-    """Profiles from ``path``, or the bundled ``profiles.toml``."""
+def read_toml(path: Path | None, bundled: str) -> tuple[dict, str]:
+    """The tables of the TOML file ``path``, or of the file ``bundled`` shipped in this
+    package, and the name its errors go by; a ValueError names the file."""
     if path is None:
-        text = resources.files("kvtrie.backends").joinpath("profiles.toml").read_text()
-        source = "profiles.toml"
+        text = resources.files("kvtrie.backends").joinpath(bundled).read_text()
+        source = bundled
     else:
         source = str(path)
         try:
@@ -119,9 +120,14 @@ def load_profiles(path: Path | None = None) -> dict[str, ModelProfile]:
         except OSError as exc:
             raise ValueError(f"{source}: {exc.strerror or exc}") from None
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text), source
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{source}: {exc}") from None
+
+
+def load_profiles(path: Path | None = None) -> dict[str, ModelProfile]:
+    """Profiles from ``path``, or the bundled ``profiles.toml``."""
+    data, source = read_toml(path, "profiles.toml")
     profiles = data.get("profiles", {})
     if not isinstance(profiles, dict):
         raise ValueError(f"{source}: profiles: expected [profiles.NAME] tables, got {profiles!r}")

@@ -61,6 +61,7 @@ class CacheStats:
     cached_tokens: int = 0
     computed_tokens: int = 0
     page_ins: int = 0
+    page_in_bytes: int = 0  # snapshot bytes copied back into the live layers
     page_outs: int = 0
     splits: int = 0
     merges: int = 0
@@ -260,6 +261,7 @@ class PrefixCache:
             for index, (layer, snap) in enumerate(zip(self.layers, node.snapshots)):
                 if snap is None or layer.offset >= node.end:
                     continue
+                nbytes = snap.nbytes
                 if not layer.restore(snap, node.end):
                     log.warning(
                         "restore failed layer=%d start=%d end=%d: freeing all layers",
@@ -270,6 +272,7 @@ class PrefixCache:
                     self.stats.restore_failures += 1
                     self.fall_back_to_root()
                     return
+                self.stats.page_in_bytes += nbytes
             if node.end > ancestor_end:
                 self.stats.page_ins += 1
                 log.debug("page in [%d, %d)", node.start, node.end)

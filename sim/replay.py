@@ -15,6 +15,7 @@ from kvtrie.core.prefix_cache import PrefixCache
 from kvtrie.core.render import render_trie
 
 from .runner import CheckMode, RequestRunner
+from .timing import ServerClock
 from .traces import Event, Trace, resolve_prompt
 
 __all__ = ["ReplayOutcome", "RequestViolation", "replay"]
@@ -50,6 +51,7 @@ class ReplayOutcome:
     violations: list[RequestViolation] = field(default_factory=list)
     trie_dump: str = ""
     stopped_early: bool = False
+    clock: ServerClock | None = None  # the time model's estimate of every request's seconds
 
 
 def replay(
@@ -60,14 +62,15 @@ def replay(
     limit: int | None = None,
     keep_going: bool = False,
     progress: bool | None = None,
+    clock: ServerClock | None = None,
 ) -> ReplayOutcome:
     """Serve every request of ``trace`` (the first ``limit``), applying its events, and check
     as ``mode`` says. A violation stops the replay with a dump of the trie, unless
-    ``keep_going``."""
+    ``keep_going``. A ``clock`` estimates each request's seconds from what it reused."""
     requests = trace.requests[:limit] if limit is not None else trace.requests
     runner = RequestRunner(backend, cache, mode)
     history: dict[str, np.ndarray] = {}
-    outcome = ReplayOutcome()
+    outcome = ReplayOutcome(clock=clock)
     started = time.perf_counter()
 
     def stop_at(where: str, line: int, violations: list[Violation]) -> bool:
@@ -94,6 +97,7 @@ def replay(
             stopped = True
             break
         prompt = resolve_prompt(request, history, backend.vocab_size)
+        paged_in = cache.stats.page_in_bytes
         try:
             result = runner.run(prompt, request.outputs, request.user_snapshots)
         except (AssertionError, ValueError) as exc:
@@ -105,6 +109,16 @@ def replay(
         outcome.requests += 1
         outcome.output_tokens += len(result.outputs)
         outcome.ideal_cached_tokens += result.ideal_cached
+        if clock is not None:
+            account = result.account
+            clock.serve(
+                request.id,
+                request.arrival_ms,
+                account.prompt_tokens,
+                account.cached_tokens,
+                cache.stats.page_in_bytes - paged_in,
+                len(result.outputs),
+            )
         if request.id in trace.referenced:
             history[request.id] = np.concatenate([prompt, result.outputs])
         budget = cache.budget_bytes

@@ -72,6 +72,8 @@ def build_report(
             stats.prompt_tokens + outcome.output_tokens, outcome.wall_seconds
         ),
         "evaluated_tokens_per_second": _ratio(evaluated, outcome.wall_seconds),
+        # estimated seconds (null without cost figures for the model): see sim/timing.py
+        "time_model": outcome.clock.summary() if outcome.clock else None,
     }
 
 
@@ -92,6 +94,15 @@ def _reading(reading: dict[str, Any]) -> str:
     return "".join(f", {part}" for part in parts)
 
 
+def _duration(seconds: float) -> str:
+    """``0.42 s``, ``12.3 min``, ``4.56 h``."""
+    if seconds < 120:
+        return f"{seconds:.2f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
 def text_summary(report: dict[str, Any]) -> str:
     budget = report["budget_bytes"]
     lines = [
@@ -109,6 +120,19 @@ def text_summary(report: dict[str, Any]) -> str:
         f"snapshots_skipped={report['snapshots_skipped']}",
         f"time      {report['wall_seconds']:.2f} s, {report['tokens_per_second']:,.0f} tokens/s",
     ]
+    model = report["time_model"]
+    if model:
+        ttft, bare = model["ttft_seconds"], model["ttft_seconds_no_cache"]
+        lines.append(
+            f"seconds   estimated ({model['cost']['name']}): prefill "
+            f"{_duration(model['prefill_seconds_no_cache'])} without the cache, "
+            f"{_duration(model['prefill_seconds'] + model['restore_seconds'])} with it "
+            f"(restores included); TTFT p50/p95/p99 {_duration(ttft['p50'])} / "
+            f"{_duration(ttft['p95'])} / {_duration(ttft['p99'])} (without: "
+            f"{_duration(bare['p50'])} / {_duration(bare['p95'])} / {_duration(bare['p99'])}); "
+            f"busy {_duration(model['busy_seconds'])} for arrivals over "
+            f"{_duration(model['arrival_span_seconds'])}"
+        )
     if report["over_budget_active_only_requests"]:
         lines.append(
             f"note      {report['over_budget_active_only_requests']} requests ended over budget "

@@ -66,6 +66,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="run with a named mutant of the cache (a regression trace the fuzzer wrote for "
         "a mutant names it in its header and replays with it; 'none' replays the real code)",
     )
+    timing = replay.add_argument_group("seconds: the time model")
+    timing.add_argument(
+        "--cost",
+        default=None,
+        metavar="NAME|FILE",
+        help="cost figures: a shipped entry (llama-8b-m4) or a TOML file with one "
+        "[costs.NAME] table (see backends/costs.toml for the form); default: the shipped "
+        "entry for the model, if there is one. Estimated prefill seconds with and without "
+        "the cache and TTFT p50/p95/p99 under the trace's arrival times go in the report",
+    )
+    timing.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="replay the trace's arrivals S times faster (0.5: twice as slow; default 1)",
+    )
     replay.add_argument("--report", type=Path, help="write the JSON report here")
     replay.add_argument("--markdown", type=Path, help="write a Markdown summary here")
     replay.add_argument("-q", "--quiet", action="store_true", help="no summary, no progress bar")
@@ -129,11 +146,13 @@ def _settings(args: argparse.Namespace, path: Path, header: dict) -> tuple:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..costs import cost_for
     from ..mutants import MUTANTS, mutated
     from ..outputs import check_output, write_output
     from ..replay import replay
     from ..report import build_report, markdown_summary, report_json, text_summary
     from ..runner import CheckMode
+    from ..timing import ServerClock
     from ..traces import load_trace, read_header
 
     try:
@@ -148,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
         mutant = None if args.mutant == "none" else args.mutant or header.get("mutant")
         if mutant is not None and mutant not in MUTANTS:
             raise UsageError(f"unknown mutant {mutant!r}; choose one of {', '.join(MUTANTS)}")
+        if not (args.time_scale > 0 and args.time_scale < float("inf")):
+            raise UsageError(f"--time-scale must be a number > 0, got {args.time_scale}")
+        cost = cost_for(model, args.cost)
         backend = make_backend(backend_name, model)
         trace = load_trace(path, vocab_size=backend.vocab_size, options=read_options(args))
     except ValueError as exc:
@@ -155,7 +177,10 @@ def run(args: argparse.Namespace) -> int:
     with mutated(mutant):  # built under the mutant: some patch choices made at construction
         cache = make_cache(backend, budget, policy)
         progress = False if args.quiet else None
-        outcome = replay(trace, backend, cache, mode, args.limit, args.keep_going, progress)
+        clock = None if cost is None else ServerClock(cost, args.time_scale)
+        outcome = replay(
+            trace, backend, cache, mode, args.limit, args.keep_going, progress, clock
+        )
     report = build_report(
         trace, outcome, cache, backend_name, model, args.check, backend.oracle()
     )

@@ -1,0 +1,119 @@
+"""Cost figures: how many seconds a request's prefill, decode and restores take on a named
+model and machine, read from ``backends/costs.toml`` or a file of the user's own.
+
+The prefill is DistServe's model, ``a + b * n + c * (attended context)``, with the attended
+context summed exactly: ``n`` computed tokens after ``cached`` reused ones attend to
+``n * cached + n * (n - 1) / 2`` earlier positions, so reuse at the front of a long prompt
+saves more than its count. Every figure in the shipped file says where it comes from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvtrie.backends.profiles import read_toml
+
+__all__ = ["DEFAULT_COSTS", "CostModel", "cost_for", "load_costs"]
+
+DEFAULT_COSTS = "costs.toml"  # shipped beside the profiles, in kvtrie.backends
+
+_TEXT = ("model", "machine", "source")
+_RATES = ("prefill_seconds_per_token", "decode_seconds_per_token", "page_in_bytes_per_second")
+_NON_NEGATIVE = ("prefill_fixed_seconds", "prefill_seconds_per_token_context")
+
+
+@dataclass(frozen=True)
+class CostModel:
+    name: str
+    model: str
+    machine: str
+    source: str
+    prefill_fixed_seconds: float
+    prefill_seconds_per_token: float
+    prefill_seconds_per_token_context: float
+    decode_seconds_per_token: float
+    page_in_bytes_per_second: float
+
+    def prefill_seconds(self, cached: int, computed: int) -> float:
+        """Seconds to evaluate ``computed`` tokens after ``cached`` reused ones."""
+        if computed <= 0:
+            return 0.0
+        attended = computed * cached + computed * (computed - 1) / 2
+        return (
+            self.prefill_fixed_seconds
+            + self.prefill_seconds_per_token * computed
+            + self.prefill_seconds_per_token_context * attended
+        )
+
+    def decode_seconds(self, generated: int) -> float:
+        """Seconds for the tokens generated after the first (the prefill yields the first)."""
+        return self.decode_seconds_per_token * max(0, generated - 1)
+
+    def restore_seconds(self, nbytes: int) -> float:
+        return nbytes / self.page_in_bytes_per_second
+
+    def describe(self) -> dict[str, object]:
+        return dict(vars(self))
+
+
+def _entry(name: str, table: object, where: str) -> CostModel:
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: [costs.{name}] must be a table, got {table!r}")
+    keys = set(_TEXT + _RATES + _NON_NEGATIVE)
+    unknown = sorted(set(table) - keys)
+    if unknown:
+        raise ValueError(f"{where}: [costs.{name}] has unknown key {unknown[0]!r}")
+    missing = [key for key in (*_TEXT, *_RATES, *_NON_NEGATIVE) if key not in table]
+    if missing:
+        raise ValueError(f"{where}: [costs.{name}] is missing {missing[0]!r}")
+    for key in _TEXT:
+        if not isinstance(table[key], str) or not table[key]:
+            raise ValueError(f"{where}: [costs.{name}] {key} must be a non-empty string")
+    numbers = {}
+    for key in _RATES + _NON_NEGATIVE:
+        value = table[key]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
+            raise ValueError(f"{where}: [costs.{name}] {key} must be a number, got {value!r}")
+        if key in _RATES and value <= 0:
+            raise ValueError(f"{where}: [costs.{name}] {key} must be > 0, got {value!r}")
+        if value < 0:
+            raise ValueError(f"{where}: [costs.{name}] {key} must be >= 0, got {value!r}")
+        numbers[key] = float(value)
+    return CostModel(name, table["model"], table["machine"], table["source"], **numbers)
+
+
+def load_costs(path: Path | None = None) -> dict[str, CostModel]:
+    """Every ``[costs.NAME]`` table of ``path`` (default: the shipped file); a ValueError
+    names the file and the key."""
+    data, source = read_toml(path, DEFAULT_COSTS)
+    tables = data.get("costs")
+    if not isinstance(tables, dict) or not tables:
+        raise ValueError(
+            f"{source}: no [costs.NAME] table (the shipped {DEFAULT_COSTS} has the form)"
+        )
+    return {name: _entry(name, table, source) for name, table in tables.items()}
+
+
+def cost_for(model: str, cost: str | None) -> CostModel | None:
+    """The cost figures of a replay: ``cost`` names a shipped entry or a file with one entry;
+    with none, the shipped entry for ``model``, or None when there is none (no time model)."""
+    shipped = load_costs()
+    if cost is None:
+        return next((entry for entry in shipped.values() if entry.model == model), None)
+    if cost in shipped:
+        return shipped[cost]
+    path = Path(cost)
+    if not path.exists():
+        raise ValueError(
+            f"--cost: {cost!r} is neither a file nor a shipped entry ({', '.join(shipped)})"
+        )
+    entries = load_costs(path)
+    if len(entries) != 1:
+        raise ValueError(f"{path}: holds {len(entries)} [costs.NAME] tables; give one")
+    return next(iter(entries.values()))

@@ -1,0 +1,159 @@
+"""The time model: cost figures, the queue under arrival times, the replay's seconds, and bad
+cost files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvtrie.sim.cli import main
+from kvtrie.sim.costs import CostModel, cost_for, load_costs
+from kvtrie.sim.timing import ServerClock
+from kvtrie.sim.traces import write_trace
+
+COST = CostModel(
+    "test", "tiny-attention", "a test machine", "made up", 0.5, 0.01, 0.001, 0.1, 1000.0
+)
+
+COST_TOML = """
+[costs.mine]
+model = "llama-8b"
+machine = "my laptop"
+source = "kvtrie calibrate"
+prefill_fixed_seconds = 0.5
+prefill_seconds_per_token = 0.01
+prefill_seconds_per_token_context = 0.001
+decode_seconds_per_token = 0.1
+page_in_bytes_per_second = 1.0e10
+"""
+
+
+def test_prefill_counts_the_context_every_computed_token_attends_to():
+    # 4 tokens after 10 cached: 0.5 + 4 * 0.01 + 0.001 * (4 * 10 + 4 * 3 / 2)
+    assert COST.prefill_seconds(10, 4) == pytest.approx(0.586)
+    assert COST.prefill_seconds(0, 14) == pytest.approx(0.5 + 0.14 + 0.001 * 91)
+    assert COST.prefill_seconds(14, 0) == 0.0
+    assert COST.decode_seconds(3) == pytest.approx(0.2) and COST.decode_seconds(1) == 0.0
+    assert COST.restore_seconds(500) == pytest.approx(0.5)
+
+
+def test_requests_queue_in_arrival_order_behind_the_one_being_served():
+    clock = ServerClock(COST)
+    first = clock.serve("a", 0.0, prompt=4, cached=0, paged_in_bytes=0, generated=3)
+    assert (first.queue_s, first.ttft_s) == (0.0, pytest.approx(0.546))
+    # arrives at 0.5 s while the first decodes until 0.546 + 0.2
+    second = clock.serve("b", 500.0, prompt=14, cached=10, paged_in_bytes=500, generated=1)
+    assert second.queue_s == pytest.approx(0.246)
+    assert second.ttft_s == pytest.approx(0.246 + 0.5 + 0.586)
+    # without the cache it prefills all 14 tokens and restores nothing
+    assert second.ttft_no_cache_s == pytest.approx(0.246 + 0.731)
+    summary = clock.summary()
+    assert summary["prefill_seconds_no_cache"] == pytest.approx(0.546 + 0.731)
+    assert summary["seconds_saved"] == pytest.approx(0.731 - 0.586 - 0.5)
+    assert summary["busy_seconds"] == pytest.approx(0.546 + 0.2 + 0.5 + 0.586)
+    assert [r["request"] for r in summary["requests"]] == ["a", "b"]
+
+
+def test_a_time_scale_replays_arrivals_faster():
+    clock = ServerClock(COST, time_scale=2.0)
+    assert clock.serve("a", 4000.0, 4, 0, 0, 1).arrival_s == 2.0
+
+
+def test_the_shipped_figures_say_where_they_come_from():
+    entries = load_costs()
+    assert entries and all(e.source and e.machine for e in entries.values())
+    assert cost_for("llama-8b", None).name == "llama-8b-m4"
+    assert cost_for("tiny-mixed", None) is None  # no figures: no time model
+
+
+def _conversation(tmp_path):
+    path = tmp_path / "conv.jsonl"
+    system = list(range(1, 200))
+    lines = [
+        {"id": "a", "prompt": system + [300, 301], "output": [7, 8], "arrival_ms": 0},
+        {"id": "b", "prompt": system + [400], "output": [9], "arrival_ms": 1000},
+        {"id": "c", "prompt": system + [300, 301, 7, 8, 500], "output": [5], "arrival_ms": 1500},
+    ]
+    write_trace(path, {"profile": "llama-8b", "budget_bytes": None}, lines)
+    return path, [len(line["prompt"]) for line in lines]
+
+
+def test_replay_reports_estimated_seconds_with_and_without_the_cache(tmp_path):
+    trace, prompts = _conversation(tmp_path)
+    costs = tmp_path / "cost.toml"
+    costs.write_text(COST_TOML)
+    report_path = tmp_path / "report.json"
+    argv = ["replay", str(trace), "-q", "--policy", "improved", "--cost", str(costs)]
+    assert main([*argv, "--report", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    model = report["time_model"]
+    assert model["cost"]["name"] == "mine"
+    mine = load_costs(costs)["mine"]
+    assert model["prefill_seconds_no_cache"] == pytest.approx(
+        sum(mine.prefill_seconds(0, n) for n in prompts)
+    )
+    assert (
+        report["cached_tokens"] > 0 and model["prefill_seconds"] < model["prefill_seconds_no_cache"]
+    )
+    assert len(model["requests"]) == 3
+    ttft = model["ttft_seconds"]
+    assert ttft["p50"] <= ttft["p95"] <= ttft["p99"]
+    assert model["ttft_seconds"]["p99"] < model["ttft_seconds_no_cache"]["p99"]
+
+
+def test_without_cost_figures_for_the_model_there_is_no_time_model(tmp_path, capsys):
+    trace, _ = _conversation(tmp_path)
+    report_path = tmp_path / "report.json"
+    argv = ["replay", str(trace), "--model", "gemma-12b-swa", "--report", str(report_path)]
+    assert main(argv) == 0
+    assert json.loads(report_path.read_text())["time_model"] is None
+    assert "estimated" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            ("page_in_bytes_per_second = 1.0e10", "page_in_bytes_per_second = -5.0"),
+            "page_in_bytes_per_second must be > 0",
+        ),
+        (
+            ("decode_seconds_per_token = 0.1", "decode_seconds_per_token = 0"),
+            "decode_seconds_per_token must be > 0",
+        ),
+        (
+            ("prefill_fixed_seconds = 0.5", "prefill_fixed_seconds = -0.5"),
+            "prefill_fixed_seconds must be >= 0",
+        ),
+        (("prefill_seconds_per_token = 0.01\n", ""), "is missing 'prefill_seconds_per_token'"),
+        (('machine = "my laptop"', 'machine = "my laptop"\nspeed = 3'), "unknown key 'speed'"),
+        (
+            ("decode_seconds_per_token = 0.1", 'decode_seconds_per_token = "fast"'),
+            "decode_seconds_per_token must be a number",
+        ),
+        (("[costs.mine]", "[other]"), "no [costs.NAME] table"),
+        (("model = ", "model = = "), "cost.toml"),
+    ],
+)
+def test_a_bad_cost_file_is_exit_2_naming_the_file_and_the_key(tmp_path, capsys, change, message):
+    costs = tmp_path / "cost.toml"
+    costs.write_text(COST_TOML.replace(*change))
+    report = tmp_path / "report.json"
+    assert main(["replay", "shared-prefix", "--cost", str(costs), "--report", str(report)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(costs) in err and "\n" == err[-1] and err.count("\n") == 1
+    assert not report.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--cost", "no-such-machine"], "neither a file nor a shipped entry (llama-8b-m4)"),
+        (["--time-scale", "0"], "--time-scale must be a number > 0"),
+        (["--time-scale", "nan"], "--time-scale must be a number > 0"),
+    ],
+)
+def test_bad_time_options_are_exit_2(capsys, argv, message):
+    assert main(["replay", "shared-prefix", "-q", *argv]) == 2
+    assert message in capsys.readouterr().err
