@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from child import fuzz_report
 
 from kvtrie.sim.campaign import shard_seed
 from kvtrie.sim.cli import main
@@ -36,19 +37,8 @@ print(json.dumps({**result.as_dict(), "alone": Path(alone.regression_trace).name
 """
 
 
-def kvtrie(*argv: str) -> int:
-    return subprocess.run([sys.executable, "-m", "kvtrie.sim.cli", *argv]).returncode
-
-
-def campaign_report(tmp_path: Path, *argv: str) -> dict:
-    report = tmp_path / "campaign.json"
-    code = kvtrie("fuzz", *argv, "-q", "--out", str(tmp_path), "--report", str(report))
-    assert code == 0
-    return json.loads(report.read_text())
-
-
 def test_a_local_campaign_runs_one_shard_a_worker_each_drawing_its_own(tmp_path):
-    report = campaign_report(tmp_path, "--workers", "2", "--examples", "30", "--steps", "10")
+    report = fuzz_report(tmp_path, "--workers", "2", "--examples", "30", "--steps", "10")
     assert report["executor"] == "local" and report["failures"] == report["errors"] == 0
     shards = report["shards"]
     assert [s["seed"] for s in shards] == [shard_seed(0, 0), shard_seed(0, 1)]
@@ -61,7 +51,7 @@ def test_a_local_campaign_runs_one_shard_a_worker_each_drawing_its_own(tmp_path)
 def test_a_ray_campaign_starts_shards_until_its_duration_is_spent(tmp_path):
     pytest.importorskip("ray", reason="the test extra installs Ray")
     argv = ["--executor", "ray", "--workers", "2", "--examples", "20", "--steps", "8"]
-    report = campaign_report(tmp_path, *argv, "--duration", "6s", "--seed", "5")
+    report = fuzz_report(tmp_path, *argv, "--duration", "6s", "--seed", "5")
     assert report["executor"] == "ray" and report["at_a_time"] == 2
     assert report["failures"] == report["errors"] == 0
     seeds = [s["seed"] for s in report["shards"]]

@@ -9,26 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from child import fuzz_report
 
 from kvtrie.sim.cli import main
 from kvtrie.sim.fuzz import DEFAULT_MODELS, FuzzConfig, run_fuzz
 from kvtrie.sim.mutants import MUTANTS
 from kvtrie.sim.traces import read_header
-
-
-def kvtrie(*argv: str) -> int:
-    """Run the command in a child process: typeguard's instrumentation in this one makes the
-    fuzzer's hot loops several times slower, and the loop under test is the CLI's."""
-    return subprocess.run([sys.executable, "-m", "kvtrie.sim.cli", *argv]).returncode
-
-
-def fuzz_report(tmp_path: Path, *argv: str) -> dict:
-    """Run ``kvtrie fuzz`` quietly with its output in tmp_path; its JSON report."""
-    report = tmp_path / "fuzz.json"
-    code = kvtrie("fuzz", *argv, "-q", "--out", str(tmp_path), "--report", str(report))
-    assert code == 0
-    return json.loads(report.read_text())
-
 
 REGRESSIONS = sorted((Path(__file__).parent / "regressions").glob("*.jsonl"))
 
