@@ -20,6 +20,9 @@ class Backend(Protocol):
     name: str
     vocab_size: int
     faults: Faults
+    # its evaluation takes a real model's seconds (a time model's estimate is checked against
+    # them); the fake backend's take microseconds that mean nothing
+    measures_time: bool
 
     def new_layers(self) -> list[LayerCache]:
         """Empty live caches, one per layer (group)."""

@@ -435,6 +435,7 @@ class FakeBackend:
     """Builds fake layers for a profile, evaluates tokens on them, and checks them (I9)."""
 
     name = "fake"
+    measures_time = False
 
     def __init__(self, profile: ModelProfile) -> None:
         self.profile = profile

@@ -17,6 +17,7 @@ from .commands import (
     EXIT_OK,
     UsageError,
     bench,
+    calibrate,
     convert,
     fuzz,
     gate,
@@ -30,7 +31,7 @@ from .commands import (
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (replay, gen, convert, sweep, gate, fuzz, bench, traces, record, serve)
+COMMANDS = (replay, gen, convert, sweep, gate, fuzz, bench, calibrate, traces, record, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

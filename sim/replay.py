@@ -118,6 +118,7 @@ def replay(
                 account.cached_tokens,
                 cache.stats.page_in_bytes - paged_in,
                 len(result.outputs),
+                (result.restore_seconds, result.prefill_seconds) if backend.measures_time else None,
             )
         if request.id in trace.referenced:
             history[request.id] = np.concatenate([prompt, result.outputs])

@@ -8,6 +8,7 @@ the reuse check compares the cache with it where the cache must lose nothing.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -60,6 +61,10 @@ class RequestResult:
     outputs: np.ndarray
     ideal_cached: int = 0  # what an infinite cache would have reused of this prompt
     violations: list[Violation] = field(default_factory=list)
+    # wall seconds of the switch (page-out and restores) and of the prompt's prefill, checks
+    # left out: what a time model's estimate is compared with on a real backend
+    restore_seconds: float = 0.0
+    prefill_seconds: float = 0.0
 
 
 class RequestRunner:
@@ -121,7 +126,9 @@ class RequestRunner:
         self.index += 1
         layers = self.cache.layers
         lossless = self.must_lose_nothing()
+        started = time.perf_counter()
         session = self.cache.begin(prompt)
+        restore_seconds = time.perf_counter() - started
         ideal = self.ideal.cached(session.prompt)
         violations: list[Violation] = []
         if checking:
@@ -138,7 +145,9 @@ class RequestRunner:
             why = self.backend.mismatch(layers, session.prompt[: session.cached_tokens])
             if why is not None:
                 violations.append(Violation("I9", f"after begin: {why}"))
+        started = time.perf_counter()
         logits = session.prefill(lambda tokens: self.backend.evaluate(layers, tokens), user_marks)
+        prefill_seconds = time.perf_counter() - started
         if checking:
             why = self.backend.logits_mismatch(session.prompt, logits)
             if why is not None:
@@ -154,7 +163,9 @@ class RequestRunner:
         if checking:
             violations += self._structural(session)
             violations += self.unexplained_restore_failures()
-        return RequestResult(session.account, produced, ideal, violations)
+        return RequestResult(
+            session.account, produced, ideal, violations, restore_seconds, prefill_seconds
+        )
 
     def unexplained_restore_failures(self) -> list[Violation]:
         """I11: a restore may fail only where a fault was injected (a corrupt snapshot makes

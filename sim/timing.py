@@ -31,6 +31,8 @@ class RequestTime:
     decode_s: float
     ttft_s: float
     ttft_no_cache_s: float
+    measured_restore_s: float | None = None  # on a real backend: what the replay took
+    measured_prefill_s: float | None = None
 
 
 @dataclass
@@ -64,7 +66,10 @@ class ServerClock:
         cached: int,
         paged_in_bytes: int,
         generated: int,
+        measured: tuple[float, float] | None = None,
     ) -> RequestTime:
+        """One request's estimate; ``measured`` is its real (restore, prefill) seconds on a
+        real backend, kept beside the estimate."""
         cost = self.cost
         arrival = arrival_ms / 1000.0 / self.time_scale
         restore = cost.restore_seconds(paged_in_bytes)
@@ -74,7 +79,17 @@ class ServerClock:
         whole = cost.prefill_seconds(0, prompt)
         self.prefill_no_cache_s += whole
         _, ttft_no_cache = self._uncached.serve(arrival, whole, decode)
-        time = RequestTime(request, arrival, queue, restore, prefill, decode, ttft, ttft_no_cache)
+        time = RequestTime(
+            request,
+            arrival,
+            queue,
+            restore,
+            prefill,
+            decode,
+            ttft,
+            ttft_no_cache,
+            *(measured or ()),
+        )
         self.times.append(time)
         return time
 
@@ -100,5 +115,24 @@ class ServerClock:
             "ttft_seconds_no_cache": {
                 f"p{p}": float(np.percentile(ttft_no_cache, p)) for p in PERCENTILES
             },
+            "validation": _validation(times),
             "requests": [asdict(t) for t in times],
         }
+
+
+def _validation(times: list[RequestTime]) -> dict[str, float] | None:
+    """The estimate against measured seconds (a real backend's replay): total prefill and
+    restore seconds, and each request's relative error, median and 90th percentile."""
+    measured = [t for t in times if t.measured_prefill_s is not None]
+    if not measured:
+        return None
+    estimated = np.array([t.prefill_s + t.restore_s for t in measured])
+    real = np.array([t.measured_prefill_s + t.measured_restore_s for t in measured])
+    errors = np.abs(estimated - real) / real
+    return {
+        "estimated_seconds": float(estimated.sum()),
+        "measured_seconds": float(real.sum()),
+        "total_error": float(abs(estimated.sum() - real.sum()) / real.sum()),
+        "median_error": float(np.median(errors)),
+        "p90_error": float(np.percentile(errors, 90)),
+    }

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import json
 
-import pytest
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
+import pytest
+from child import kvtrie
+
+from kvtrie.sim.calibrate import _fit
 from kvtrie.sim.cli import main
 from kvtrie.sim.costs import CostModel, cost_for, load_costs
 from kvtrie.sim.timing import ServerClock
@@ -157,3 +164,51 @@ def test_a_bad_cost_file_is_exit_2_naming_the_file_and_the_key(tmp_path, capsys,
 def test_bad_time_options_are_exit_2(capsys, argv, message):
     assert main(["replay", "shared-prefix", "-q", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_fit_recovers_the_coefficients_of_exact_timings():
+    truth = CostModel("t", "m", "x", "y", 0.01, 0.002, 1e-6, 0.1, 1.0)
+    rows = [(c, n, truth.prefill_seconds(c, n)) for c in (0, 100, 400) for n in (8, 32, 128)]
+    assert _fit(rows) == pytest.approx((0.01, 0.002, 1e-6), rel=1e-6)
+    # a coefficient the timings make negative is dropped, not kept below zero
+    flat = [(c, n, 0.5 + 0.001 * n - 1e-9 * (n * c)) for c in (0, 1000) for n in (8, 64)]
+    assert min(_fit(flat)) >= 0.0
+
+
+def test_calibrate_writes_cost_figures_that_replay_reads_and_checks_against_mlx(tmp_path):
+    costs = tmp_path / "cost.toml"
+    assert (
+        kvtrie("calibrate", "--model", "tiny-attention", "--quick", "-q", "--out", str(costs)) == 0
+    )
+    (entry,) = load_costs(costs).values()
+    assert entry.model == "tiny-attention" and entry.prefill_seconds_per_token > 0
+    assert entry.decode_seconds_per_token > 0 and entry.page_in_bytes_per_second > 0
+    assert len(tomllib.loads(costs.read_text())["calibration"][entry.name]["relative_error"]) == 9
+    trace = tmp_path / "short.jsonl"
+    lines = [
+        {"id": "a", "prompt": list(range(5, 60)), "output": [7, 8], "arrival_ms": 0},
+        {"id": "b", "prompt": list(range(5, 60)) + [7, 8, 9], "output": [3], "arrival_ms": 10},
+    ]
+    write_trace(trace, {"backend": "mlx", "profile": "tiny-attention"}, lines)
+    report = tmp_path / "report.json"
+    argv = ["replay", str(trace), "-q", "--cost", str(costs), "--report", str(report)]
+    assert kvtrie(*argv) == 0
+    model = json.loads(report.read_text())["time_model"]
+    check = model["validation"]  # the MLX backend's measured seconds beside the estimate
+    assert check["measured_seconds"] > 0 and check["estimated_seconds"] > 0
+    assert all(r["measured_prefill_s"] > 0 for r in model["requests"])
+
+
+def test_the_fake_backend_has_no_measured_seconds_to_validate(tmp_path):
+    trace, _ = _conversation(tmp_path)
+    report = tmp_path / "report.json"
+    assert main(["replay", str(trace), "-q", "--report", str(report)]) == 0
+    model = json.loads(report.read_text())["time_model"]
+    assert model["validation"] is None
+    assert all(r["measured_prefill_s"] is None for r in model["requests"])
+
+
+def test_calibrate_refuses_an_unknown_model(tmp_path, capsys):
+    assert main(["calibrate", "--model", "no-such-model", "--out", str(tmp_path / "c.toml")]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+    assert not (tmp_path / "c.toml").exists()

@@ -41,6 +41,7 @@ class MLXBackend:
     """Runs an mlx-lm model over kvtrie's layer adapters."""
 
     name = "mlx"
+    measures_time = True
 
     def __init__(self, model: Any, model_name: str, vocab_size: int) -> None:
         self.model = model
