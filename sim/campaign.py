@@ -134,13 +134,18 @@ def _run_shard(base: FuzzConfig, shard: Shard) -> ShardResult:
 
 
 def _shards(
-    campaign_seed: int, workers: int, duration: float | None, stop: Callable[[], bool]
+    campaign_seed: int,
+    workers: int,
+    duration: float | None,
+    stop: Callable[[], bool],
+    clock: Callable[[], float],
 ) -> Iterator[Shard]:
-    """Shards until the duration is spent or ``stop()``; with no duration, one a worker."""
-    deadline = None if duration is None else time.monotonic() + duration
+    """Shards until the duration is spent on ``clock`` or ``stop()``; with no duration, one
+    a worker."""
+    deadline = None if duration is None else clock() + duration
     index = 0
     while not stop():
-        if index == workers if deadline is None else time.monotonic() >= deadline:
+        if index == workers if deadline is None else clock() >= deadline:
             return
         yield Shard(index, shard_seed(campaign_seed, index))
         index += 1
@@ -153,9 +158,11 @@ def run_campaign(
     campaign_seed: int = 0,
     out_dir: Path | None = None,
     progress: bool = False,
+    clock: Callable[[], float] = time.monotonic,
 ) -> CampaignResult:
-    """Shards of ``base`` on ``executor`` (``executor.workers`` at a time); each shrunk
-    failure is written to ``out_dir`` (default ``base.out_dir``)."""
+    """Shards of ``base`` on ``executor`` (``executor.workers`` at a time) until
+    ``duration`` seconds of ``clock`` are spent; each shrunk failure is written to
+    ``out_dir`` (default ``base.out_dir``)."""
     from tqdm import tqdm
 
     out = out_dir or base.out_dir
@@ -172,6 +179,7 @@ def run_campaign(
         executor.workers,
         duration,
         lambda: bool(campaign.failures or campaign.errors),
+        clock,
     )
     for shard in executor.map_unordered(_run_shard, base, shards):
         campaign.shards.append(shard)

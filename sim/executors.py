@@ -64,24 +64,26 @@ def _run_installed(item: Any) -> Any:
 
 
 class LocalExecutor:
-    """This machine's cores: a pool of forked processes (in this process when there is one
-    worker or no fork)."""
+    """This machine's cores: a pool of processes (in this process when there is one worker).
+    Forked where the system forks and ``fork`` is asked for, so a large shared value (a
+    sweep's workload) is inherited, not pickled; else spawned, for work that builds what
+    must not cross a fork (MLX's Metal state on macOS: a fuzz campaign's models)."""
 
     name = "local"
 
-    def __init__(self, processes: int | None = None) -> None:
+    def __init__(self, processes: int | None = None, fork: bool = True) -> None:
         self.workers = processes or os.cpu_count() or 1
+        self.fork = fork and hasattr(os, "fork")
 
     def map_unordered(
         self, work: Callable[[Any, Any], Any], shared: Any, items: Iterable[Any]
     ) -> Iterator[Any]:
         items = iter(items)
-        if self.workers == 1 or not hasattr(os, "fork"):
+        if self.workers == 1:
             for item in items:
                 yield work(shared, item)
             return
-        # forked, so the shared value reaches each worker without being pickled
-        context = multiprocessing.get_context("fork")
+        context = multiprocessing.get_context("fork" if self.fork else "spawn")
         with ProcessPoolExecutor(
             self.workers, mp_context=context, initializer=_install, initargs=(work, shared)
         ) as pool:
@@ -165,14 +167,15 @@ def _check_reachable(address: str | None) -> None:
 
 
 def make_executor(
-    name: str, processes: int | None = None, address: str | None = None
+    name: str, processes: int | None = None, address: str | None = None, fork: bool = True
 ) -> LocalExecutor | RayExecutor:
     """The executor a user named (``--executor``, ``--processes``/``--workers``, ``--address``);
-    an ExecutorUnavailable names what is missing."""
+    ``fork`` as :class:`LocalExecutor` takes it. An ExecutorUnavailable names what is
+    missing."""
     if name == "local":
         if address is not None:
             raise ExecutorUnavailable("--address needs --executor ray")
-        return LocalExecutor(processes)
+        return LocalExecutor(processes, fork)
     if name == "ray":
         return RayExecutor(address, processes)
     raise ExecutorUnavailable(f"unknown executor {name!r}; choose {' or '.join(EXECUTORS)}")

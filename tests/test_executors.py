@@ -4,6 +4,7 @@ Ray worker lost mid-task has its task run again; a cluster that is not there is 
 from __future__ import annotations
 
 import json
+import operator
 import os
 import signal
 import socket
@@ -58,6 +59,14 @@ def test_local_and_ray_give_the_same_results(ray_executor):
     in_process = sorted(LocalExecutor(1).map_unordered(square_plus, shared, range(20)))
     on_ray = sorted(ray_executor.map_unordered(square_plus, shared, range(20)))
     assert local == in_process == on_ray == [(i, i * i + 7) for i in range(20)]
+
+
+def test_spawned_local_workers_give_the_same_results_as_forked_ones():
+    """Spawned (what a fuzz campaign asks for: Metal's state does not survive a fork), the
+    work and the shared value are pickled to each worker instead of inherited."""
+    spawned = sorted(LocalExecutor(2, fork=False).map_unordered(operator.add, 7, range(6)))
+    forked = sorted(LocalExecutor(2).map_unordered(operator.add, 7, range(6)))
+    assert spawned == forked == list(range(7, 13))
 
 
 @pytest.mark.parametrize("kind", ["local", "ray"])

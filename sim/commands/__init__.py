@@ -121,13 +121,15 @@ def executor_options(parser: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def open_executor(args: argparse.Namespace, workers: int | None) -> Iterator[Executor]:
-    """The executor of ``executor_options()``, closed after the work; one that cannot start
-    is bad usage (exit 2)."""
+def open_executor(
+    args: argparse.Namespace, workers: int | None, fork: bool = True
+) -> Iterator[Executor]:
+    """The executor of ``executor_options()`` (local workers forked unless ``fork`` is
+    False), closed after the work; one that cannot start is bad usage (exit 2)."""
     from ..executors import ExecutorUnavailable, make_executor
 
     try:
-        executor = make_executor(args.executor, workers, args.address)
+        executor = make_executor(args.executor, workers, args.address, fork)
     except ExecutorUnavailable as why:
         raise UsageError(str(why)) from None
     try:

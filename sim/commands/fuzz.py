@@ -211,7 +211,8 @@ def _campaign(args: argparse.Namespace, base, duration: float | None, report: di
     """Shards of the fuzzer side by side; a line a worker, and exit 1 on any failure or error."""
     from ..campaign import run_campaign
 
-    with open_executor(args, args.workers) as executor:
+    # spawned, not forked: a shard builds MLX models, and Metal's state does not survive a fork
+    with open_executor(args, args.workers, fork=False) as executor:
         result = run_campaign(
             base,
             executor,
