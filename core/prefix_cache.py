@@ -62,6 +62,7 @@ class CacheStats:
     computed_tokens: int = 0
     page_ins: int = 0
     page_in_bytes: int = 0  # snapshot bytes copied back into the live layers
+    page_out_bytes: int = 0  # snapshot bytes copied out of them (kept or, not fitting, dropped)
     page_outs: int = 0
     splits: int = 0
     merges: int = 0
@@ -380,7 +381,9 @@ class PrefixCache:
                 raise AssertionError(
                     f"snapshot of [{node.start}, {node.end}) but layer {index} is at {layer.offset}"
                 )
-        return [layer.snapshot(node.start) for layer in self.layers]
+        snapshots = [layer.snapshot(node.start) for layer in self.layers]
+        self.stats.page_out_bytes += _nbytes(snapshots)
+        return snapshots
 
     def _attach(self, node: Node, snapshots: list[Snapshot | None], protected: dict[int, Node]) -> bool:
         """Give ``node`` these snapshots (replacing its own) once the budget has room for

@@ -7,6 +7,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,8 @@ def bench_eviction(quick: bool = False) -> dict[str, Any]:
     }
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """The median wall seconds of ``repeats`` calls of ``fn`` (benchmarks, calibration)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -162,14 +164,14 @@ def _warm_and_pagein(model: str, n: int, tail: int, repeats: int) -> dict[str, f
         mx.eval(*[a for layer in cache.layers for a in arrays_of(layer.cache)])
 
     cold()  # compile and allocate once before timing
-    t_cold = _median_seconds(cold, repeats)
+    t_cold = median_seconds(cold, repeats)
     t_warm = t_pagein = 0.0
     warm_times, pagein_times = [], []
     for _ in range(repeats):
         leave()
-        warm_times.append(_median_seconds(warm, 1))
+        warm_times.append(median_seconds(warm, 1))
         leave()
-        pagein_times.append(_median_seconds(page_in, 1))
+        pagein_times.append(median_seconds(page_in, 1))
     t_warm, t_pagein = statistics.median(warm_times), statistics.median(pagein_times)
     return {
         "cold_prefill_seconds": t_cold,
@@ -207,8 +209,8 @@ def _zero_hit_overhead(
     off()
     t_off, t_on = [], []
     for _ in range(repeats):  # interleaved, so drift on a busy machine hits both alike
-        t_off.append(_median_seconds(off, 1))
-        t_on.append(_median_seconds(on, 1))
+        t_off.append(median_seconds(off, 1))
+        t_on.append(median_seconds(on, 1))
     return {
         "cache_off_seconds": statistics.median(t_off),
         "cache_on_seconds": statistics.median(t_on),

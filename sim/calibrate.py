@@ -2,8 +2,8 @@
 
 Prefill seconds are timed over a grid of (cached context, new tokens) and fitted to the cost
 model's ``a + b*n + c*(context attended)`` by least squares; decode is the median seconds of
-one token at a mid-grid context; page-in is the bytes of a snapshot set over the seconds its
-restore takes. The coefficients go in a ``[costs.NAME]`` table that ``--cost`` reads; the
+one token at a mid-grid context; page-in and page-out are the bytes of a snapshot set over
+the seconds its restore, and its copy out of the live layers, take. The coefficients go in a ``[costs.NAME]`` table that ``--cost`` reads; the
 grid, the measured and fitted seconds and their relative error in ``[calibration.NAME]``.
 """
 
@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .bench import median_seconds
 from .costs import CostModel
 
 __all__ = ["Calibration", "GRIDS", "calibrate", "calibration_toml"]
@@ -40,15 +41,6 @@ class Calibration:
     @property
     def errors(self) -> list[float]:
         return [abs(fit - measured) / measured for _, _, measured, fit in self.points]
-
-
-def _median_seconds(run: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def _fit(rows: list[tuple[int, int, float]]) -> tuple[float, float, float]:
@@ -117,13 +109,21 @@ def calibrate(
     layers = backend.new_layers()
     backend.evaluate(layers, tokens(contexts[len(contexts) // 2] or 64))
     one = tokens(1)
-    decode = _median_seconds(lambda: backend.evaluate(layers, one), 8 * repeats)
+    decode = median_seconds(lambda: backend.evaluate(layers, one), 8 * repeats)
 
     layers = backend.new_layers()
     end = max(contexts) or 256
     backend.evaluate(layers, tokens(end))
     snapshots = [layer.snapshot(0) for layer in layers]
     nbytes = sum(s.nbytes for s in snapshots if s is not None)
+
+    def page_out() -> None:
+        taken = [layer.snapshot(0) for layer in layers]  # a snapshot evaluates its copy
+        for snapshot in taken:
+            if snapshot is not None:
+                snapshot.close()
+
+    page_out_seconds = median_seconds(page_out, 4 * repeats)
 
     def page_in() -> None:
         for layer, snapshot in zip(layers, snapshots):
@@ -132,7 +132,7 @@ def calibrate(
                 layer.restore(snapshot, end)
         mx.eval(*[a for layer in layers for a in arrays_of(layer.cache)])
 
-    page_in_seconds = _median_seconds(page_in, 4 * repeats)
+    page_in_seconds = median_seconds(page_in, 4 * repeats)
     cost = CostModel(
         name=f"{Path(model).name}-{platform.node() or 'this-machine'}",
         model=model,
@@ -143,6 +143,7 @@ def calibrate(
         prefill_seconds_per_token_context=c,
         decode_seconds_per_token=decode,
         page_in_bytes_per_second=nbytes / page_in_seconds,
+        page_out_bytes_per_second=nbytes / page_out_seconds,
     )
     points = [(cached, n, s, cost.prefill_seconds(cached, n)) for cached, n, s in rows]
     return Calibration(cost, points)

@@ -20,7 +20,12 @@ __all__ = ["DEFAULT_COSTS", "CostModel", "cost_for", "load_costs"]
 DEFAULT_COSTS = "costs.toml"  # shipped beside the profiles, in kvtrie.backends
 
 _TEXT = ("model", "machine", "source")
-_RATES = ("prefill_seconds_per_token", "decode_seconds_per_token", "page_in_bytes_per_second")
+_RATES = (
+    "prefill_seconds_per_token",
+    "decode_seconds_per_token",
+    "page_in_bytes_per_second",
+    "page_out_bytes_per_second",
+)
 _NON_NEGATIVE = ("prefill_fixed_seconds", "prefill_seconds_per_token_context")
 
 
@@ -35,6 +40,7 @@ class CostModel:
     prefill_seconds_per_token_context: float
     decode_seconds_per_token: float
     page_in_bytes_per_second: float
+    page_out_bytes_per_second: float
 
     def prefill_seconds(self, cached: int, computed: int) -> float:
         """Seconds to evaluate ``computed`` tokens after ``cached`` reused ones."""
@@ -53,6 +59,9 @@ class CostModel:
 
     def restore_seconds(self, nbytes: int) -> float:
         return nbytes / self.page_in_bytes_per_second
+
+    def page_out_seconds(self, nbytes: int) -> float:
+        return nbytes / self.page_out_bytes_per_second
 
     def describe(self) -> dict[str, object]:
         return dict(vars(self))

@@ -97,7 +97,7 @@ def replay(
             stopped = True
             break
         prompt = resolve_prompt(request, history, backend.vocab_size)
-        paged_in = cache.stats.page_in_bytes
+        paged_in, paged_out = cache.stats.page_in_bytes, cache.stats.page_out_bytes
         try:
             result = runner.run(prompt, request.outputs, request.user_snapshots)
         except (AssertionError, ValueError) as exc:
@@ -117,6 +117,7 @@ def replay(
                 account.prompt_tokens,
                 account.cached_tokens,
                 cache.stats.page_in_bytes - paged_in,
+                cache.stats.page_out_bytes - paged_out,
                 len(result.outputs),
                 (result.restore_seconds, result.prefill_seconds) if backend.measures_time else None,
             )

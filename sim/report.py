@@ -126,8 +126,8 @@ def text_summary(report: dict[str, Any]) -> str:
         lines.append(
             f"seconds   estimated ({model['cost']['name']}): prefill "
             f"{_duration(model['prefill_seconds_no_cache'])} without the cache, "
-            f"{_duration(model['prefill_seconds'] + model['restore_seconds'])} with it "
-            f"(restores included); TTFT p50/p95/p99 {_duration(ttft['p50'])} / "
+            f"{_duration(model['prefill_seconds'] + model['snapshot_seconds'])} with it "
+            f"(page-ins and page-outs included); TTFT p50/p95/p99 {_duration(ttft['p50'])} / "
             f"{_duration(ttft['p95'])} / {_duration(ttft['p99'])} (without: "
             f"{_duration(bare['p50'])} / {_duration(bare['p95'])} / {_duration(bare['p99'])}); "
             f"busy {_duration(model['busy_seconds'])} for arrivals over "

@@ -1,7 +1,7 @@
 """Time to first token under a trace's own arrival times, from a cost model.
 
 One server serves the requests in arrival order, one at a time (kvtrie keeps one active path
-live): a request waits until the server is free, then restores what it reuses, prefills what
+live): a request waits until the server is free, then pages out and restores what the switch needs, prefills what
 it computes (its first token comes out of that), and decodes the rest of its output before
 the next one starts. The same queue without a cache prefills every prompt whole, so the two
 TTFTs differ by the seconds the cache saves, including the waits those seconds shorten.
@@ -26,12 +26,14 @@ class RequestTime:
     request: str
     arrival_s: float
     queue_s: float
-    restore_s: float
+    snapshot_s: float  # page-outs of the switch and the prompt's stops, and page-ins
     prefill_s: float
     decode_s: float
     ttft_s: float
     ttft_no_cache_s: float
-    measured_restore_s: float | None = None  # on a real backend: what the replay took
+    # on a real backend, what the replay took: the switch (page-outs, page-ins) and the
+    # prefill (with the page-outs at its stops)
+    measured_switch_s: float | None = None
     measured_prefill_s: float | None = None
 
 
@@ -65,17 +67,18 @@ class ServerClock:
         prompt: int,
         cached: int,
         paged_in_bytes: int,
+        paged_out_bytes: int,
         generated: int,
         measured: tuple[float, float] | None = None,
     ) -> RequestTime:
-        """One request's estimate; ``measured`` is its real (restore, prefill) seconds on a
+        """One request's estimate; ``measured`` is its real (switch, prefill) seconds on a
         real backend, kept beside the estimate."""
         cost = self.cost
         arrival = arrival_ms / 1000.0 / self.time_scale
-        restore = cost.restore_seconds(paged_in_bytes)
+        snapshots = cost.restore_seconds(paged_in_bytes) + cost.page_out_seconds(paged_out_bytes)
         prefill = cost.prefill_seconds(cached, prompt - cached)
         decode = cost.decode_seconds(generated)
-        queue, ttft = self._cached.serve(arrival, restore + prefill, decode)
+        queue, ttft = self._cached.serve(arrival, snapshots + prefill, decode)
         whole = cost.prefill_seconds(0, prompt)
         self.prefill_no_cache_s += whole
         _, ttft_no_cache = self._uncached.serve(arrival, whole, decode)
@@ -83,7 +86,7 @@ class ServerClock:
             request,
             arrival,
             queue,
-            restore,
+            snapshots,
             prefill,
             decode,
             ttft,
@@ -99,18 +102,18 @@ class ServerClock:
         ttft = np.array([t.ttft_s for t in times]) if times else np.zeros(1)
         ttft_no_cache = np.array([t.ttft_no_cache_s for t in times]) if times else np.zeros(1)
         prefill = sum(t.prefill_s for t in times)
-        restore = sum(t.restore_s for t in times)
+        snapshots = sum(t.snapshot_s for t in times)
         span = times[-1].arrival_s - times[0].arrival_s if times else 0.0
         return {
             "cost": self.cost.describe(),
             "time_scale": self.time_scale,
             # the server's work against the arrivals' span: above it, requests queue
-            "busy_seconds": prefill + restore + sum(t.decode_s for t in times),
+            "busy_seconds": prefill + snapshots + sum(t.decode_s for t in times),
             "arrival_span_seconds": span,
             "prefill_seconds": prefill,
-            "restore_seconds": restore,
+            "snapshot_seconds": snapshots,
             "prefill_seconds_no_cache": self.prefill_no_cache_s,
-            "seconds_saved": self.prefill_no_cache_s - prefill - restore,
+            "seconds_saved": self.prefill_no_cache_s - prefill - snapshots,
             "ttft_seconds": {f"p{p}": float(np.percentile(ttft, p)) for p in PERCENTILES},
             "ttft_seconds_no_cache": {
                 f"p{p}": float(np.percentile(ttft_no_cache, p)) for p in PERCENTILES
@@ -122,12 +125,12 @@ class ServerClock:
 
 def _validation(times: list[RequestTime]) -> dict[str, float] | None:
     """The estimate against measured seconds (a real backend's replay): total prefill and
-    restore seconds, and each request's relative error, median and 90th percentile."""
+    snapshot seconds, and each request's relative error, median and 90th percentile."""
     measured = [t for t in times if t.measured_prefill_s is not None]
     if not measured:
         return None
-    estimated = np.array([t.prefill_s + t.restore_s for t in measured])
-    real = np.array([t.measured_prefill_s + t.measured_restore_s for t in measured])
+    estimated = np.array([t.prefill_s + t.snapshot_s for t in measured])
+    real = np.array([t.measured_prefill_s + t.measured_switch_s for t in measured])
     errors = np.abs(estimated - real) / real
     return {
         "estimated_seconds": float(estimated.sum()),

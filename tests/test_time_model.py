@@ -20,7 +20,7 @@ from kvtrie.sim.timing import ServerClock
 from kvtrie.sim.traces import write_trace
 
 COST = CostModel(
-    "test", "tiny-attention", "a test machine", "made up", 0.5, 0.01, 0.001, 0.1, 1000.0
+    "test", "tiny-attention", "a test machine", "made up", 0.5, 0.01, 0.001, 0.1, 1000.0, 2000.0
 )
 
 COST_TOML = """
@@ -33,6 +33,7 @@ prefill_seconds_per_token = 0.01
 prefill_seconds_per_token_context = 0.001
 decode_seconds_per_token = 0.1
 page_in_bytes_per_second = 1.0e10
+page_out_bytes_per_second = 2.0e10
 """
 
 
@@ -43,14 +44,20 @@ def test_prefill_counts_the_context_every_computed_token_attends_to():
     assert COST.prefill_seconds(14, 0) == 0.0
     assert COST.decode_seconds(3) == pytest.approx(0.2) and COST.decode_seconds(1) == 0.0
     assert COST.restore_seconds(500) == pytest.approx(0.5)
+    assert COST.page_out_seconds(400) == pytest.approx(0.2)
 
 
 def test_requests_queue_in_arrival_order_behind_the_one_being_served():
     clock = ServerClock(COST)
-    first = clock.serve("a", 0.0, prompt=4, cached=0, paged_in_bytes=0, generated=3)
+    first = clock.serve(
+        "a", 0.0, prompt=4, cached=0, paged_in_bytes=0, paged_out_bytes=0, generated=3
+    )
     assert (first.queue_s, first.ttft_s) == (0.0, pytest.approx(0.546))
-    # arrives at 0.5 s while the first decodes until 0.546 + 0.2
-    second = clock.serve("b", 500.0, prompt=14, cached=10, paged_in_bytes=500, generated=1)
+    # arrives at 0.5 s while the first decodes until 0.546 + 0.2; its snapshots: 300 bytes
+    # paged in (0.3 s) and 400 paged out (0.2 s)
+    second = clock.serve(
+        "b", 500.0, prompt=14, cached=10, paged_in_bytes=300, paged_out_bytes=400, generated=1
+    )
     assert second.queue_s == pytest.approx(0.246)
     assert second.ttft_s == pytest.approx(0.246 + 0.5 + 0.586)
     # without the cache it prefills all 14 tokens and restores nothing
@@ -64,7 +71,7 @@ def test_requests_queue_in_arrival_order_behind_the_one_being_served():
 
 def test_a_time_scale_replays_arrivals_faster():
     clock = ServerClock(COST, time_scale=2.0)
-    assert clock.serve("a", 4000.0, 4, 0, 0, 1).arrival_s == 2.0
+    assert clock.serve("a", 4000.0, 4, 0, 0, 0, 1).arrival_s == 2.0
 
 
 def test_the_shipped_figures_say_where_they_come_from():
@@ -104,6 +111,8 @@ def test_replay_reports_estimated_seconds_with_and_without_the_cache(tmp_path):
         report["cached_tokens"] > 0 and model["prefill_seconds"] < model["prefill_seconds_no_cache"]
     )
     assert len(model["requests"]) == 3
+    # the switches page out and restore real snapshots (128 KiB a token): they cost seconds
+    assert model["snapshot_seconds"] > 0
     ttft = model["ttft_seconds"]
     assert ttft["p50"] <= ttft["p95"] <= ttft["p99"]
     assert model["ttft_seconds"]["p99"] < model["ttft_seconds_no_cache"]["p99"]
@@ -167,7 +176,7 @@ def test_bad_time_options_are_exit_2(capsys, argv, message):
 
 
 def test_the_fit_recovers_the_coefficients_of_exact_timings():
-    truth = CostModel("t", "m", "x", "y", 0.01, 0.002, 1e-6, 0.1, 1.0)
+    truth = CostModel("t", "m", "x", "y", 0.01, 0.002, 1e-6, 0.1, 1.0, 1.0)
     rows = [(c, n, truth.prefill_seconds(c, n)) for c in (0, 100, 400) for n in (8, 32, 128)]
     assert _fit(rows) == pytest.approx((0.01, 0.002, 1e-6), rel=1e-6)
     # a coefficient the timings make negative is dropped, not kept below zero
