@@ -61,8 +61,9 @@ def _positive_int(value: object, where: str) -> int:
     return value
 
 
-def _table(value: object, where: str, keys: set[str]) -> dict:
-    """``value`` as a TOML table holding only ``keys``."""
+def toml_table(value: object, where: str, keys: set[str]) -> dict:
+    """``value`` as a TOML table holding only ``keys`` (profiles, cost figures); errors start
+    with ``where``."""
     if not isinstance(value, dict):
         raise ValueError(f"{where}: expected a table, got {value!r}")
     unknown = sorted(set(value) - keys)
@@ -74,7 +75,7 @@ def _table(value: object, where: str, keys: set[str]) -> dict:
 def _parse_profile(name: str, table: object, source: str) -> ModelProfile:
     """One ``[profiles.NAME]`` table; every error names the file and the key."""
     where = f"{source}: profiles.{name}"
-    table = _table(table, where, PROFILE_KEYS)
+    table = toml_table(table, where, PROFILE_KEYS)
     for key in ("vocab_size", "layers"):
         if key not in table:
             raise ValueError(f"{where}: lacks the key {key!r}")
@@ -87,7 +88,7 @@ def _parse_profile(name: str, table: object, source: str) -> ModelProfile:
     specs = []
     for i, layer in enumerate(layers):
         at = f"{where}.layers[{i}]"
-        layer = _table(layer, at, LAYER_KEYS)
+        layer = toml_table(layer, at, LAYER_KEYS)
         kinds = [k.value for k in LayerKind]
         if layer.get("kind") not in kinds:
             raise ValueError(f"{at}.kind: expected one of {', '.join(kinds)}, got {layer.get('kind')!r}")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .bench import median_seconds
-from .costs import CostModel
+from .costs import CostModel, attended
 
 __all__ = ["Calibration", "GRIDS", "calibrate", "calibration_toml"]
 
@@ -50,9 +50,7 @@ def _fit(rows: list[tuple[int, int, float]]) -> tuple[float, float, float]:
     others fitted again)."""
     seconds = np.array([s for _, _, s in rows])
     design = (
-        np.array(
-            [[1.0, n, n * cached + n * (n - 1) / 2] for cached, n, _ in rows], dtype=np.float64
-        )
+        np.array([[1.0, n, attended(cached, n)] for cached, n, _ in rows], dtype=np.float64)
         / seconds[:, None]
     )
     ones = np.ones(len(rows))
@@ -99,7 +97,6 @@ def calibrate(
     for cached in contexts:
         for n in news:
             prefix, new = tokens(cached), tokens(n)
-
             measured = [prefill_seconds(prefix, new) for _ in range(repeats)]
             rows.append((cached, n, statistics.median(measured)))
             if tick:
@@ -137,7 +134,7 @@ def calibrate(
         name=f"{Path(model).name}-{platform.node() or 'this-machine'}",
         model=model,
         machine=f"{platform.system()} {platform.machine()} {platform.processor()}".strip(),
-        source=f"kvtrie calibrate --grid {grid}, {date.today().isoformat()}",
+        source=f"kvtrie calibrate{' --quick' if grid == 'quick' else ''}, {date.today()}",
         prefill_fixed_seconds=a,
         prefill_seconds_per_token=b,
         prefill_seconds_per_token_context=c,

@@ -13,9 +13,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvtrie.backends.profiles import read_toml
+from kvtrie.backends.profiles import read_toml, toml_table
 
-__all__ = ["DEFAULT_COSTS", "CostModel", "cost_for", "load_costs"]
+__all__ = ["DEFAULT_COSTS", "CostModel", "attended", "cost_for", "load_costs"]
 
 DEFAULT_COSTS = "costs.toml"  # shipped beside the profiles, in kvtrie.backends
 
@@ -27,6 +27,12 @@ _RATES = (
     "page_out_bytes_per_second",
 )
 _NON_NEGATIVE = ("prefill_fixed_seconds", "prefill_seconds_per_token_context")
+
+
+def attended(cached: int, computed: int) -> float:
+    """Earlier positions the ``computed`` tokens after ``cached`` reused ones attend to, all
+    together: each attends to the cached ones and to the computed ones before it."""
+    return computed * cached + computed * (computed - 1) / 2
 
 
 @dataclass(frozen=True)
@@ -46,11 +52,10 @@ class CostModel:
         """Seconds to evaluate ``computed`` tokens after ``cached`` reused ones."""
         if computed <= 0:
             return 0.0
-        attended = computed * cached + computed * (computed - 1) / 2
         return (
             self.prefill_fixed_seconds
             + self.prefill_seconds_per_token * computed
-            + self.prefill_seconds_per_token_context * attended
+            + self.prefill_seconds_per_token_context * attended(cached, computed)
         )
 
     def decode_seconds(self, generated: int) -> float:
@@ -68,13 +73,9 @@ class CostModel:
 
 
 def _entry(name: str, table: object, where: str) -> CostModel:
-    if not isinstance(table, dict):
-        raise ValueError(f"{where}: [costs.{name}] must be a table, got {table!r}")
-    keys = set(_TEXT + _RATES + _NON_NEGATIVE)
-    unknown = sorted(set(table) - keys)
-    if unknown:
-        raise ValueError(f"{where}: [costs.{name}] has unknown key {unknown[0]!r}")
-    missing = [key for key in (*_TEXT, *_RATES, *_NON_NEGATIVE) if key not in table]
+    keys = (*_TEXT, *_RATES, *_NON_NEGATIVE)
+    table = toml_table(table, f"{where}: costs.{name}", set(keys))
+    missing = [key for key in keys if key not in table]
     if missing:
         raise ValueError(f"{where}: [costs.{name}] is missing {missing[0]!r}")
     for key in _TEXT:

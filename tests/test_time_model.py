@@ -143,7 +143,10 @@ def test_without_cost_figures_for_the_model_there_is_no_time_model(tmp_path, cap
             "prefill_fixed_seconds must be >= 0",
         ),
         (("prefill_seconds_per_token = 0.01\n", ""), "is missing 'prefill_seconds_per_token'"),
-        (('machine = "my laptop"', 'machine = "my laptop"\nspeed = 3'), "unknown key 'speed'"),
+        (
+            ('machine = "my laptop"', 'machine = "my laptop"\nspeed = 3'),
+            "costs.mine.speed: unknown key",
+        ),
         (
             ("decode_seconds_per_token = 0.1", 'decode_seconds_per_token = "fast"'),
             "decode_seconds_per_token must be a number",
