@@ -120,6 +120,9 @@ def test_a_ray_address_with_nothing_there_is_bad_usage(tmp_path, capsys):
     assert main([*argv, "--address", "127.0.0.1:1"]) == 2  # --address without --executor ray
     assert "--address needs --executor ray" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    campaign = ["fuzz", "--executor", "ray", "--address", f"127.0.0.1:{port}"]
+    assert main([*campaign, "-q", "--out", str(tmp_path / "fz")]) == 2
+    assert not (tmp_path / "fz").exists()  # nothing made before the executor was up
 
 
 def test_without_ray_installed_it_says_what_to_install(monkeypatch, capsys, tmp_path):

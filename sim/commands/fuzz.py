@@ -154,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
             check_output("--report", args.report)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    out.mkdir(parents=True, exist_ok=True)
+    if not campaign:  # a campaign makes it once its executor is up (it may not start)
+        out.mkdir(parents=True, exist_ok=True)
     base = FuzzConfig(
         backend=args.backend,
         model=args.model,
@@ -213,6 +214,7 @@ def _campaign(args: argparse.Namespace, base, duration: float | None, report: di
 
     # spawned, not forked: a shard builds MLX models, and Metal's state does not survive a fork
     with open_executor(args, args.workers, fork=False) as executor:
+        base.out_dir.mkdir(parents=True, exist_ok=True)
         result = run_campaign(
             base,
             executor,

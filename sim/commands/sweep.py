@@ -82,9 +82,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     started = time.perf_counter()
-    workload = materialize(trace, profile)
-    marks = [request.user_snapshots for request in trace.requests]
+    # the executor first: one that can't start (a cluster not there) is bad input, found
+    # before the workload is built
     with open_executor(args, args.processes) as executor:
+        workload = materialize(trace, profile)
+        marks = [request.user_snapshots for request in trace.requests]
         rows, timelines = run_sweep(
             workload,
             profile,
