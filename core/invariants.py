@@ -17,6 +17,7 @@ import numpy as np
 from .evict import OldestDeepestLargest
 from .prefix_cache import PrefixCache, RequestAccount, Session
 from .protocols import LayerCache, LayerKind
+from .tiers import is_stored
 from .trie import Node, walk
 
 __all__ = ["Checker", "EvictionAudit", "Violation", "check", "check_request"]
@@ -38,7 +39,8 @@ def _where(node: Node) -> str:
 
 
 def _check_node(node: Node, layers: list[LayerCache], out: list[Violation]) -> int:
-    """I1, I2, I5 and I10 for one node and its link to its parent; returns its bytes."""
+    """I1, I2, I5 and I10 for one node and its link to its parent; returns its bytes (in its
+    tier: ``node.on_disk``)."""
     parent = node.parent
     if parent is not None:
         if len(node.tokens) == 0:
@@ -66,6 +68,14 @@ def _check_node(node: Node, layers: list[LayerCache], out: list[Violation]) -> i
         if snap is None:
             continue
         held += snap.nbytes
+        if is_stored(snap) != node.on_disk:
+            out.append(
+                Violation(
+                    "TIER",
+                    f"{_where(node)} is {'on disk' if node.on_disk else 'in RAM'} but holds a "
+                    f"{'RAM' if node.on_disk else 'stored'} snapshot",
+                )
+            )
         if snap.end != node.end:
             invariant = "I10" if layer.kind is LayerKind.RECURRENT else "I2"
             out.append(
@@ -147,7 +157,11 @@ class EvictionAudit:
         candidates = [
             n
             for n in nodes
-            if id(n) not in on_path and id(n) not in active and not n.is_root and n.has_snapshots()
+            if id(n) not in on_path
+            and id(n) not in active
+            and not n.is_root
+            and n.has_snapshots()
+            and n.on_disk == victim.on_disk  # each tier evicts its own, in the same order
         ]
         if not self.checks_order or not candidates:
             return
@@ -172,6 +186,20 @@ class EvictionAudit:
                     "I6",
                     f"paging out {_where(node)} took paged-out bytes to {total} B, over the "
                     f"budget {budget} B",
+                )
+            )
+
+    def moved_to_disk(self, cache: PrefixCache, node: Node) -> None:
+        """The disk tier's I6: room is made there before a move, so after one its bytes are
+        within its budget."""
+        budget = cache.disk_budget_bytes
+        total = cache.ledger.disk_total
+        if budget is not None and total > budget:
+            self.violations.append(
+                Violation(
+                    "I6",
+                    f"moving {_where(node)} to disk took its bytes to {total} B, over the "
+                    f"disk budget {budget} B",
                 )
             )
 
@@ -229,20 +257,30 @@ def _check_live(cache: PrefixCache, session: Session | None, out: list[Violation
         out.append(Violation("I4", "the active path's tokens are not the prompt's prefix"))
 
 
+def _over_budget(cache: PrefixCache) -> bool:
+    ram, disk = cache.budget_bytes, cache.disk_budget_bytes
+    return (ram is not None and cache.ledger.total > ram) or (
+        disk is not None and cache.ledger.disk_total > disk
+    )
+
+
 def _check_budget(cache: PrefixCache, holders: list[Node], out: list[Violation]) -> None:
-    budget = cache.budget_bytes
-    if budget is None or cache.ledger.total <= budget:
-        return
     active = {id(n) for n in cache.active_path}
-    outside = [n for n in holders if id(n) not in active]
-    if outside:
-        out.append(
-            Violation(
-                "I6",
-                f"paged-out {cache.ledger.total} B over the budget {budget} B with "
-                f"{len(outside)} evictable nodes left",
+    for on_disk, budget, total, what in (
+        (False, cache.budget_bytes, cache.ledger.total, "paged-out"),
+        (True, cache.disk_budget_bytes, cache.ledger.disk_total, "disk tier"),
+    ):
+        if budget is None or total <= budget:
+            continue
+        outside = [n for n in holders if id(n) not in active and n.on_disk == on_disk]
+        if outside:
+            out.append(
+                Violation(
+                    "I6",
+                    f"{what} {total} B over the budget {budget} B with "
+                    f"{len(outside)} evictable nodes left",
+                )
             )
-        )
 
 
 def _check_accounting(cache: PrefixCache, out: list[Violation]) -> None:
@@ -257,11 +295,27 @@ def _check_accounting(cache: PrefixCache, out: list[Violation]) -> None:
         )
 
 
-def _check_tally(cache: PrefixCache, tally: int, out: list[Violation]) -> None:
+def _check_tally(cache: PrefixCache, tally: int, disk_tally: int, out: list[Violation]) -> None:
     if tally != cache.ledger.total:
         out.append(
             Violation("I5", f"paged-out counter {cache.ledger.total} B, snapshots sum to {tally} B")
         )
+    if disk_tally != cache.ledger.disk_total:
+        out.append(
+            Violation(
+                "I5",
+                f"disk-tier counter {cache.ledger.disk_total} B, its snapshots sum to "
+                f"{disk_tally} B",
+            )
+        )
+
+
+def _backend_held(node: Node) -> int:
+    """How many of ``node``'s snapshots keep a backend snapshot open (a file store's don't)."""
+    return sum(
+        s is not None and (not is_stored(s) or s.keeps_backend_snapshot)
+        for s in node.snapshots or []
+    )
 
 
 def check_request(account: RequestAccount) -> list[Violation]:
@@ -299,11 +353,11 @@ def check(cache: PrefixCache, session: Session | None = None) -> list[Violation]
     """Every structural invariant (I1-I8, I10, I12) over the whole trie; empty when sound."""
     out: list[Violation] = []
     owners: dict[int, Node] = {}
-    tally = 0
+    tallies = [0, 0]  # RAM, disk
     holders = []
     nodes = list(walk(cache.root))
     for node in nodes:
-        tally += _check_node(node, cache.layers, out)
+        tallies[node.on_disk] += _check_node(node, cache.layers, out)
         for child in node.children.values():
             if child.parent is not node:
                 out.append(Violation("I2", f"{_where(child)} does not point back to its parent"))
@@ -314,7 +368,7 @@ def check(cache: PrefixCache, session: Session | None = None) -> list[Violation]
                 owners[id(snap)] = node
         if node.has_snapshots():
             holders.append(node)
-    _check_tally(cache, tally, out)
+    _check_tally(cache, tallies[0], tallies[1], out)
     _check_budget(cache, holders, out)
     _check_shared(cache, session, nodes, out)
     return out
@@ -329,9 +383,9 @@ class Checker:
         self._touched: set[Node] = set()
         cache.ledger.listeners.append(self._touched.add)
         self.audit = EvictionAudit(cache, audit_every_eviction)
-        self._bytes: dict[Node, int] = {}
+        self._bytes: dict[Node, tuple[int, bool]] = {}  # bytes, and whether on disk
         self._counts: dict[Node, int] = {}
-        self._tally = 0
+        self._tallies = [0, 0]  # RAM, disk
         self.held_snapshots = 0  # how many snapshots the trie holds, by the checker's own count
         for node in walk(cache.root):
             self._record(node, [])
@@ -344,18 +398,17 @@ class Checker:
 
     def _record(self, node: Node, out: list[Violation]) -> None:
         held = _check_node(node, self.cache.layers, out)
-        self._tally += held - self._bytes.get(node, 0)
-        count = sum(s is not None for s in node.snapshots or [])
-        self.held_snapshots += count - self._counts.get(node, 0)
+        self._forget(node)
+        self._tallies[node.on_disk] += held
+        count = _backend_held(node)
+        self.held_snapshots += count
         if node.snapshots is not None:
-            self._bytes[node] = held
+            self._bytes[node] = (held, node.on_disk)
             self._counts[node] = count
-        else:
-            self._bytes.pop(node, None)
-            self._counts.pop(node, None)
 
     def _forget(self, node: Node) -> None:
-        self._tally -= self._bytes.pop(node, 0)
+        held, on_disk = self._bytes.pop(node, (0, False))
+        self._tallies[on_disk] -= held
         self.held_snapshots -= self._counts.pop(node, 0)
 
     def check(self, session: Session | None = None) -> list[Violation]:
@@ -367,11 +420,8 @@ class Checker:
                 self._record(node, out)
             else:
                 self._forget(node)
-        _check_tally(self.cache, self._tally, out)
-        if (
-            self.cache.budget_bytes is not None
-            and self.cache.ledger.total > self.cache.budget_bytes
-        ):
+        _check_tally(self.cache, self._tallies[0], self._tallies[1], out)
+        if _over_budget(self.cache):
             _check_budget(self.cache, [n for n in self._bytes if n.has_snapshots()], out)
         _check_shared(self.cache, session, [n for n in touched if self._attached(n)], out)
         out.extend(self.audit.take())

@@ -7,6 +7,8 @@ What always holds (checked by :mod:`kvtrie.core.invariants` after every operatio
 - a request always evaluates at least one prompt token, so generation has logits to start from;
 - paged-out bytes are the sum over all snapshots and stay within the budget unless every
   snapshot left is on the active path; active nodes are never evicted;
+- with a disk tier, a node's snapshots are in RAM or on disk, never both, each tier within its
+  own budget; evicted from RAM they move to disk, evicted from disk they are dropped;
 - a recurrent layer is restored from a snapshot at exactly the right offset, never rewound;
 - a restore that fails frees every layer and recomputes: a wrong state is never served.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +28,7 @@ from . import evict
 from .evict import Evictor
 from .policy import POLICIES, CachePolicy
 from .protocols import LayerCache, LayerKind, Snapshot
+from .tiers import SnapshotStore, TieredLayers, is_stored
 from .trie import (
     ByteLedger,
     Node,
@@ -69,6 +73,15 @@ class CacheStats:
     evictions: int = 0
     restore_failures: int = 0
     snapshots_skipped: int = 0  # snapshots not taken: they could not fit the budget
+    # the disk tier (all zero without one)
+    moves_to_disk: int = 0  # snapshot sets written to the disk tier (evicted from RAM, or too big)
+    disk_write_bytes: int = 0
+    disk_write_failures: int = 0  # moves that failed to write: the node was evicted instead
+    disk_evictions: int = 0  # nodes evicted from the disk tier (counted in evictions too)
+    disk_page_ins: int = 0  # page-ins from the disk tier (counted in page_ins too)
+    disk_read_bytes: int = 0
+    disk_hit_tokens: int = 0  # tokens whose state a request got from the disk tier
+    disk_read_failures: int = 0  # stored snapshots that failed verification: a miss
 
 
 @dataclass(frozen=True)
@@ -93,12 +106,20 @@ class PrefixCache:
         budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
         policy: CachePolicy | None = None,
         clock: Callable[[], int] | None = None,
+        store: SnapshotStore | None = None,
+        disk_budget_bytes: int | None = None,
     ) -> None:
+        """``store`` adds a disk tier: snapshots evicted from RAM move there, under
+        ``disk_budget_bytes`` (None: unbounded), instead of being dropped."""
         if not layers:
             raise ValueError("a prefix cache needs at least one layer")
         _check_budget(budget_bytes)
+        _check_budget(disk_budget_bytes, "disk_budget_bytes")
         self.layers = list(layers)
         self.budget_bytes = budget_bytes
+        self.store = store
+        self.disk_budget_bytes = disk_budget_bytes
+        self.tiered_layers = TieredLayers(self.layers, store)
         kinds = {layer.kind for layer in self.layers}
         # Only attention layers rewind to any node's end, so only they can page out the nodes
         # above the frontier; the policy drops, once, the choices these layers can't support.
@@ -121,9 +142,22 @@ class PrefixCache:
         self.evictor.budget_changed()
         self.evictor.enforce()
 
+    def set_disk_budget(self, disk_budget_bytes: int | None) -> None:
+        """Change the disk tier's budget (None: unbounded) and evict down to it at once."""
+        _check_budget(disk_budget_bytes, "disk_budget_bytes")
+        self.disk_budget_bytes = disk_budget_bytes
+        self.evictor.budget_changed()
+        self.evictor.enforce()
+
     @property
     def paged_out_bytes(self) -> int:
+        """Bytes of snapshots in RAM (the budget's)."""
         return self.ledger.total
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of snapshots in the disk tier (the disk budget's)."""
+        return self.ledger.disk_total
 
     @property
     def live_offset(self) -> int:
@@ -213,7 +247,9 @@ class PrefixCache:
             return False
         self.active_path.pop()
         if self.page_in_moves:
-            self.active_path.append(split_node(node, target - node.start, self.layers, self.ledger))
+            self.active_path.append(
+                split_node(node, target - node.start, self.tiered_layers, self.ledger)
+            )
             self.stats.splits += 1
             self.release_live_path()
         if not node.has_all_snapshots():
@@ -254,29 +290,22 @@ class PrefixCache:
         for node in new_path:
             if not node.snapshots:
                 continue
-            if not all(
-                snap is None or layer.offset >= node.end or layer.can_restore(snap, node.end)
-                for layer, snap in zip(self.layers, node.snapshots)
-            ):
+            with ExitStack() as reading:
+                snapshots = self._readable(node, reading)
+                if snapshots is None:
+                    break  # the disk tier could not verify it: a miss from here on
+                paged_in = self._page_in(node, snapshots)
+            if paged_in is None:
                 break  # a node above was never paged out (its snapshot did not fit): stop here
-            for index, (layer, snap) in enumerate(zip(self.layers, node.snapshots)):
-                if snap is None or layer.offset >= node.end:
-                    continue
-                nbytes = snap.nbytes
-                if not layer.restore(snap, node.end):
-                    log.warning(
-                        "restore failed layer=%d start=%d end=%d: freeing all layers",
-                        index,
-                        node.start,
-                        node.end,
-                    )
-                    self.stats.restore_failures += 1
-                    self.fall_back_to_root()
-                    return
-                self.stats.page_in_bytes += nbytes
+            if not paged_in:
+                self.fall_back_to_root()
+                return
             if node.end > ancestor_end:
                 self.stats.page_ins += 1
-                log.debug("page in [%d, %d)", node.start, node.end)
+                if node.on_disk:
+                    self.stats.disk_page_ins += 1
+                    self.stats.disk_hit_tokens += node.end - max(node.start, ancestor_end)
+                log.debug("page in [%d, %d) disk=%s", node.start, node.end, node.on_disk)
 
         self.active_path = list(new_path)
         aligned = self.live_offset
@@ -289,6 +318,52 @@ class PrefixCache:
         while self.active_path[-1].end > aligned:
             self.active_path.pop()
         self.release_live_path()
+
+    def _readable(
+        self, node: Node, reading: ExitStack
+    ) -> list[Snapshot | None] | None:
+        """``node``'s snapshots as the layers can restore from them: its own in RAM, copies
+        opened (until ``reading`` closes) in the disk tier. None when a stored one fails its
+        store's check: the node's snapshots are dropped, counted, and never served."""
+        assert node.snapshots is not None
+        if not node.on_disk:
+            return node.snapshots
+        opened = [
+            reading.enter_context(snap.opened()) if is_stored(snap) else None
+            for snap in node.snapshots
+        ]
+        if any(copy is None and snap is not None for copy, snap in zip(opened, node.snapshots)):
+            log.warning("disk tier: [%d, %d) failed verification, dropped", node.start, node.end)
+            self.stats.disk_read_failures += 1
+            node.set_snapshots(None, self.ledger)
+            return None
+        self.stats.disk_read_bytes += node.snapshot_bytes
+        return opened
+
+    def _page_in(self, node: Node, snapshots: list[Snapshot | None]) -> bool | None:
+        """Restore the layers that are not yet past ``node``'s end from its ``snapshots``:
+        True when done, None (nothing changed) when a layer can't take them, False when a
+        restore failed (the caller falls back to the root)."""
+        if not all(
+            snap is None or layer.offset >= node.end or layer.can_restore(snap, node.end)
+            for layer, snap in zip(self.layers, snapshots)
+        ):
+            return None
+        for index, (layer, snap) in enumerate(zip(self.layers, snapshots)):
+            if snap is None or layer.offset >= node.end:
+                continue
+            nbytes = snap.nbytes
+            if not layer.restore(snap, node.end):
+                log.warning(
+                    "restore failed layer=%d start=%d end=%d: freeing all layers",
+                    index,
+                    node.start,
+                    node.end,
+                )
+                self.stats.restore_failures += 1
+                return False
+            self.stats.page_in_bytes += nbytes
+        return True
 
     def release_live_path(self) -> None:
         """When page-ins move, close the active nodes' snapshots: the live layers hold the
@@ -358,7 +433,7 @@ class PrefixCache:
         if (
             self.policy.whole_pages.on
             and self.budget_bytes is not None
-            and self.ledger.total - leaf.snapshot_bytes + _nbytes(snapshots) > self.budget_bytes
+            and self.ledger.total - leaf.ram_bytes + _nbytes(snapshots) > self.budget_bytes
             and not leaf.children
             and not leaf.user
             and 0 < keep < len(leaf.tokens)
@@ -390,8 +465,11 @@ class PrefixCache:
         them, never evicting ``node`` or a ``protected`` node for it; a snapshot set that can't
         fit is closed and counted as skipped, and the node keeps what it had."""
         size = _nbytes(snapshots)
-        if not self.evictor.make_room(size - node.snapshot_bytes, {**protected, id(node): node}):
-            _close(snapshots)
+        protected = {**protected, id(node): node}
+        if not self.evictor.make_room(size - node.ram_bytes, protected):
+            # too big for RAM with the paths it must keep: straight to the disk tier, if any
+            if self.evictor.store_on_disk(node, snapshots, protected):
+                return True
             self.stats.snapshots_skipped += 1
             log.debug("snapshot skipped start=%d end=%d bytes=%d", node.start, node.end, size)
             return False
@@ -417,7 +495,7 @@ class PrefixCache:
         last = path[-1]
         if len(path) > 1 and frontier.end + matched < last.end:
             path[-1] = split_node(
-                last, frontier.end + matched - last.start, self.layers, self.ledger
+                last, frontier.end + matched - last.start, self.tiered_layers, self.ledger
             )
             self.stats.splits += 1
         self.active_path.extend(path[1:])
@@ -513,9 +591,9 @@ def _close(snapshots: list[Snapshot | None]) -> None:
             snap.close()
 
 
-def _check_budget(budget_bytes: int | None) -> None:
+def _check_budget(budget_bytes: int | None, name: str = "budget_bytes") -> None:
     if budget_bytes is not None and budget_bytes < 0:
-        raise ValueError(f"budget_bytes must be >= 0 or None (unbounded), got {budget_bytes}")
+        raise ValueError(f"{name} must be >= 0 or None (unbounded), got {budget_bytes}")
 
 
 class Session:

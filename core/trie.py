@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .protocols import LayerCache, Snapshot
+from .tiers import TieredLayers, is_stored
 
 __all__ = [
     "ByteLedger",
@@ -54,20 +55,27 @@ def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
 
 @dataclass(eq=False)
 class ByteLedger:
-    """The paged-out byte counter, its high-water mark, and who hears of every touched node.
+    """The paged-out byte counters (RAM and disk tier), their high-water marks, and who hears
+    of every touched node.
 
     Every structural operation and snapshot change touches the nodes it changed; listeners
     (the cache's eviction index, the invariant checker's audit) keep their own views current
     from those calls instead of walking the trie.
     """
 
-    total: int = 0
+    total: int = 0  # bytes of snapshots in RAM
     peak: int = 0
+    disk_total: int = 0  # bytes of snapshots in the disk tier
+    disk_peak: int = 0
     listeners: list[Callable[[Node], None]] = field(default_factory=list)
 
-    def add(self, delta: int) -> None:
-        self.total += delta
-        self.peak = max(self.peak, self.total)
+    def add(self, delta: int, disk: bool = False) -> None:
+        if disk:
+            self.disk_total += delta
+            self.disk_peak = max(self.disk_peak, self.disk_total)
+        else:
+            self.total += delta
+            self.peak = max(self.peak, self.total)
 
     def touch(self, *nodes: Node | None) -> None:
         for listener in self.listeners:
@@ -88,6 +96,7 @@ class Node:
     user: bool = False
     snapshots: list[Snapshot | None] | None = None
     snapshot_bytes: int = 0
+    on_disk: bool = False  # its snapshots are in the disk tier (all of them: one tier a node)
 
     @property
     def start(self) -> int:
@@ -103,6 +112,11 @@ class Node:
     def has_all_snapshots(self) -> bool:
         return bool(self.snapshots) and all(s is not None for s in self.snapshots)
 
+    @property
+    def ram_bytes(self) -> int:
+        """The bytes this node keeps in RAM (none when its snapshots are in the disk tier)."""
+        return 0 if self.on_disk else self.snapshot_bytes
+
     def set_snapshots(self, snapshots: list[Snapshot | None] | None, ledger: ByteLedger) -> None:
         """Replace this node's snapshots, closing the old ones."""
         for old in self.take_snapshots(ledger) or []:
@@ -113,21 +127,27 @@ class Node:
     def take_snapshots(self, ledger: ByteLedger) -> list[Snapshot | None] | None:
         """Detach the snapshots without closing them, for a split or merge that consumes them."""
         old = self.snapshots
-        ledger.add(-self.snapshot_bytes)
+        ledger.add(-self.snapshot_bytes, self.on_disk)
         self.snapshots = None
         self.snapshot_bytes = 0
+        self.on_disk = False
         ledger.touch(self)
         return old
 
     def give_snapshots(self, snapshots: list[Snapshot | None] | None, ledger: ByteLedger) -> None:
-        """Attach snapshots to a node that has none."""
+        """Attach snapshots to a node that has none; stored ones put it in the disk tier
+        (a node's snapshots are all in one tier)."""
         assert self.snapshots is None, "give_snapshots on a node that still holds snapshots"
         if snapshots is not None and all(s is None for s in snapshots):
             snapshots = None
+        held = [s for s in snapshots or [] if s is not None]
+        stored = [is_stored(s) for s in held]
+        assert all(stored) or not any(stored), "a node's snapshots in two tiers"
         self.snapshots = snapshots
-        self.snapshot_bytes = sum(s.nbytes for s in snapshots or [] if s is not None)
+        self.snapshot_bytes = sum(s.nbytes for s in held)
+        self.on_disk = any(stored)
         ledger.touch(self)
-        ledger.add(self.snapshot_bytes)
+        ledger.add(self.snapshot_bytes, self.on_disk)
 
     def path(self) -> list[Node]:
         """Root-first path to this node."""
@@ -228,7 +248,9 @@ def append_tokens(node: Node, tokens: np.ndarray, ledger: ByteLedger) -> Node:
     return node
 
 
-def split_node(node: Node, at: int, caches: Sequence[LayerCache], ledger: ByteLedger) -> Node:
+def split_node(
+    node: Node, at: int, caches: Sequence[LayerCache] | TieredLayers, ledger: ByteLedger
+) -> Node:
     """Cut ``node``'s edge after ``at`` tokens; returns the new parent holding the first part.
 
     Snapshots are split by each layer; a layer that can't split leaves the parent half empty.
@@ -258,7 +280,9 @@ def split_node(node: Node, at: int, caches: Sequence[LayerCache], ledger: ByteLe
     return parent
 
 
-def merge_with_child(node: Node, caches: Sequence[LayerCache], ledger: ByteLedger) -> Node:
+def merge_with_child(
+    node: Node, caches: Sequence[LayerCache] | TieredLayers, ledger: ByteLedger
+) -> Node:
     """Fold ``node``'s only child into it; returns the absorbed child (now detached)."""
     if len(node.children) != 1:
         raise AssertionError(f"merge needs exactly one child, node has {len(node.children)}")

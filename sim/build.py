@@ -7,13 +7,16 @@ says what is wrong and what would be right.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvtrie.backends.base import Backend
 from kvtrie.core.policy import CachePolicy, parse_policy
 from kvtrie.core.prefix_cache import PrefixCache
+from kvtrie.core.tiers import SimulatedDisk
 
 __all__ = [
+    "DiskTier",
     "default_model",
     "make_backend",
     "make_cache",
@@ -108,8 +111,27 @@ def make_policy(spelling: str, snapshot_interval: int | None = None) -> CachePol
     return policy
 
 
-def make_cache(backend: Backend, budget: int | None, policy: CachePolicy) -> PrefixCache:
-    return PrefixCache(backend.new_layers(), budget_bytes=budget, policy=policy)
+@dataclass(frozen=True)
+class DiskTier:
+    """A disk tier as a user asked for it: its budget (None: unbounded)."""
+
+    budget: int | None
+
+
+def make_cache(
+    backend: Backend, budget: int | None, policy: CachePolicy, disk: DiskTier | None = None
+) -> PrefixCache:
+    """A cache on ``backend``'s layers; with ``disk``, snapshots evicted from RAM move to a
+    simulated disk tier under its budget (a replay's bytes are a real model's)."""
+    if disk is None:
+        return PrefixCache(backend.new_layers(), budget_bytes=budget, policy=policy)
+    return PrefixCache(
+        backend.new_layers(),
+        budget_bytes=budget,
+        policy=policy,
+        store=SimulatedDisk(),
+        disk_budget_bytes=disk.budget,
+    )
 
 
 def trace_path(text: str, root: Path | None = None) -> Path:

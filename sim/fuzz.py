@@ -2,7 +2,8 @@
 
 The machine serves conversations that share prefixes on purpose (a Bundle of everything
 evaluated so far), branches from earlier turns, marks user restore points, moves the budget
-down to zero, and injects restore failures and corrupt snapshots. After every step it checks
+down to zero, and injects restore failures and corrupt snapshots; half its caches have a disk
+tier, whose budget it moves too and whose writes it makes fail. After every step it checks
 every structural invariant, the oracle (the live state equals a fresh prefill), that no
 snapshot leaked or was closed twice, and that no restore failed without an injected fault.
 A failure is shrunk by Hypothesis and written as a kvtrie trace that ``kvtrie replay``
@@ -40,7 +41,7 @@ from kvtrie.core.policy import TOGGLES
 from kvtrie.core.prefix_cache import POLICIES, CacheStats
 from kvtrie.core.trie import walk
 
-from .build import make_backend, make_cache, make_policy
+from .build import DiskTier, make_backend, make_cache, make_policy
 from .mutants import mutated
 from .runner import CheckMode, RequestRunner
 from .traces import Event, write_trace
@@ -177,14 +178,18 @@ def _machine(
             result.examples += 1
             tick()
 
-        @initialize(policy=POLICY_SPELLINGS, model=st.sampled_from(config.models))
-        def start(self, policy: str, model: str) -> None:
+        @initialize(
+            disk=st.booleans(), policy=POLICY_SPELLINGS, model=st.sampled_from(config.models)
+        )
+        def start(self, policy: str, model: str, disk: bool) -> None:
             self.policy = policy
             self.model = model
+            self.disk = disk  # a disk tier (unbounded until a disk_budget event)
             result.models[model] += 1
             result.policies[make_policy(policy).name] += 1
             self.backend = backends[model]()
-            self.cache = make_cache(self.backend, None, make_policy(policy))
+            tier = DiskTier(None) if disk else None
+            self.cache = make_cache(self.backend, None, make_policy(policy), tier)
             self.runner = RequestRunner(self.backend, self.cache, CheckMode(full=True))
 
         def _serve(self, prompt: list[int], out: list[int], mark: int | None) -> list[int]:
@@ -258,9 +263,19 @@ def _machine(
         def set_budget(self, step):
             self._apply(Event("budget", 0, budget_bytes=budgets[self.model][step]))
 
+        @precondition(lambda self: self.disk)
+        @rule(step=st.integers(0, len(_budgets(1)) - 1))
+        def set_disk_budget(self, step):
+            self._apply(Event("disk_budget", 0, budget_bytes=budgets[self.model][step]))
+
         @rule()
         def fail_next_restore(self):
             self._apply(Event("fail_restores", 0, count=1))
+
+        @precondition(lambda self: self.disk)
+        @rule(count=st.integers(1, 3))
+        def fail_next_writes(self, count):
+            self._apply(Event("fail_writes", 0, count=count))
 
         @precondition(lambda self: any(n.has_snapshots() for n in walk(self.cache.root)))
         @rule(data=st.data())
@@ -304,6 +319,7 @@ def _write_regression(config: FuzzConfig, machine: Any, failure: str) -> Path:
         "profile": getattr(machine, "model", config.models[0]),
         "policy": getattr(machine, "policy", "kvtrie-seed"),
         "budget_bytes": None,
+        **({"disk_budget_bytes": None} if getattr(machine, "disk", False) else {}),
         "found_by": "kvtrie fuzz",
         "mutant": config.mutant,
         "seed": config.seed,  # kvtrie fuzz --seed S draws this example again

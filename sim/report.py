@@ -66,6 +66,7 @@ def build_report(
         "merges": stats.merges,
         "restore_failures": stats.restore_failures,
         "snapshots_skipped": stats.snapshots_skipped,
+        "disk_tier": _disk_tier(cache),
         "oracle": oracle,
         "wall_seconds": outcome.wall_seconds,
         "tokens_per_second": _ratio(
@@ -74,6 +75,29 @@ def build_report(
         "evaluated_tokens_per_second": _ratio(evaluated, outcome.wall_seconds),
         # estimated seconds (null without cost figures for the model): see sim/timing.py
         "time_model": outcome.clock.summary() if outcome.clock else None,
+    }
+
+
+def _disk_tier(cache: PrefixCache) -> dict[str, Any] | None:
+    """The disk tier's figures (null without one); hits are tokens a request got from it,
+    the rest of ``cached_tokens`` came from RAM or the live path."""
+    if cache.store is None:
+        return None
+    stats = cache.stats
+    return {
+        "store": cache.store.name,
+        "budget_bytes": cache.disk_budget_bytes,
+        "peak_bytes": cache.ledger.disk_peak,
+        "final_bytes": cache.disk_bytes,
+        "hit_tokens": stats.disk_hit_tokens,
+        "ram_hit_tokens": stats.cached_tokens - stats.disk_hit_tokens,
+        "moves_to_disk": stats.moves_to_disk,
+        "written_bytes": stats.disk_write_bytes,
+        "write_failures": stats.disk_write_failures,
+        "page_ins": stats.disk_page_ins,
+        "read_bytes": stats.disk_read_bytes,
+        "read_failures": stats.disk_read_failures,
+        "evictions": stats.disk_evictions,
     }
 
 
@@ -120,6 +144,18 @@ def text_summary(report: dict[str, Any]) -> str:
         f"snapshots_skipped={report['snapshots_skipped']}",
         f"time      {report['wall_seconds']:.2f} s, {report['tokens_per_second']:,.0f} tokens/s",
     ]
+    disk = report["disk_tier"]
+    if disk:
+        limit = disk["budget_bytes"]
+        lines.insert(
+            5,
+            f"disk tier {disk['store']} budget={'inf' if limit is None else format_bytes(limit)} "
+            f"peak {format_bytes(disk['peak_bytes'])}; hit tokens from disk "
+            f"{disk['hit_tokens']:,}, from RAM {disk['ram_hit_tokens']:,}; "
+            f"moves_to_disk={disk['moves_to_disk']} page_ins={disk['page_ins']} "
+            f"evictions={disk['evictions']} written {format_bytes(disk['written_bytes'])} "
+            f"read {format_bytes(disk['read_bytes'])}",
+        )
     model = report["time_model"]
     if model:
         ttft, bare = model["ttft_seconds"], model["ttft_seconds_no_cache"]

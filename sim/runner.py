@@ -103,9 +103,14 @@ class RequestRunner:
         if event.kind == "budget":
             self.pristine = self.pristine and event.budget_bytes is None
             self.cache.set_budget(event.budget_bytes)
+        elif event.kind == "disk_budget":
+            self.cache.set_disk_budget(event.budget_bytes)
         elif event.kind == "fail_restores":
             self.pristine = False
             self.backend.faults.fail_next_restores(event.count)
+        elif event.kind == "fail_writes":
+            self.pristine = False
+            self.cache.store.fail_next_writes(event.count)
         else:
             self.pristine = False
             for node in self.cache.nodes():

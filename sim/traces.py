@@ -61,6 +61,7 @@ HEADER_TYPES: dict[str, tuple[type, ...]] = {
     "profile": (str,),
     "policy": (str,),
     "budget_bytes": (int, type(None)),
+    "disk_budget_bytes": (int, type(None)),  # present: a disk tier of this budget (null: inf)
     "mutant": (str, type(None)),
     "vocab_size": (int,),
 }
@@ -76,12 +77,14 @@ class TraceError(ValueError):
         self.line = line
 
 
-EVENT_KINDS = ("budget", "fail_restores", "corrupt")
+EVENT_KINDS = ("budget", "disk_budget", "fail_restores", "fail_writes", "corrupt")
 
 
 @dataclass(frozen=True)
 class Event:
-    """Something done to the cache between requests: a budget change or an injected fault."""
+    """Something done to the cache between requests: a change of the RAM or the disk tier's
+    budget, or an injected fault (failing restores, failing disk-tier writes, a snapshot
+    damaged in place, in RAM or on disk)."""
 
     kind: str
     line: int
@@ -92,10 +95,10 @@ class Event:
     layer: int | None = None  # corrupt: only this layer's snapshot (None: every layer's)
 
     def as_line(self) -> dict[str, Any]:
-        if self.kind == "budget":
-            return {"event": "budget", "budget_bytes": self.budget_bytes}
-        if self.kind == "fail_restores":
-            return {"event": "fail_restores", "count": self.count}
+        if self.kind in ("budget", "disk_budget"):
+            return {"event": self.kind, "budget_bytes": self.budget_bytes}
+        if self.kind in ("fail_restores", "fail_writes"):
+            return {"event": self.kind, "count": self.count}
         line: dict[str, Any] = {"event": "corrupt", "start": self.start, "end": self.end}
         if self.layer is not None:
             line["layer"] = self.layer
@@ -375,14 +378,14 @@ def _parse_event(path: Path, number: int, obj: dict[str, Any]) -> Event:
     kind = obj["event"]
     if kind not in EVENT_KINDS:
         raise fail(path, number, f"unknown event {kind!r}; events are {', '.join(EVENT_KINDS)}")
-    if kind == "budget":
+    if kind in ("budget", "disk_budget"):
         if "budget_bytes" not in obj:
             raise fail(path, number, "missing field 'budget_bytes' (null for unbounded)")
         budget = obj["budget_bytes"]
         if budget is not None:
             budget = check_int(budget, "budget_bytes", path, number, maximum=(1 << 63) - 1)
         return Event(kind, number, budget_bytes=budget)
-    if kind == "fail_restores":
+    if kind in ("fail_restores", "fail_writes"):
         return Event(kind, number, count=check_int(obj.get("count"), "count", path, number, 1))
     start = check_int(obj.get("start"), "start", path, number)
     end = check_int(obj.get("end"), "end", path, number, minimum=start + 1)

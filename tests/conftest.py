@@ -29,7 +29,9 @@ def fake_profile(name: str):
 class Rig:
     """A cache on the fake backend, driven request by request with every check on."""
 
-    def __init__(self, profile: str, budget: int | None, policy: str) -> None:
+    def __init__(
+        self, profile: str, budget: int | None, policy: str, store=None, disk_budget=None
+    ) -> None:
         from kvtrie.backends.fake import FakeBackend
         from kvtrie.core import PrefixCache
         from kvtrie.core.prefix_cache import POLICIES
@@ -42,6 +44,8 @@ class Rig:
             budget_bytes=budget,
             policy=POLICIES[policy],
             clock=itertools.count(1).__next__,
+            store=store,
+            disk_budget_bytes=disk_budget,
         )
         self.runner = RequestRunner(self.backend, self.cache, CheckMode(full=True))
 
@@ -56,7 +60,20 @@ class Rig:
         return result.account
 
     def assert_no_leaks(self) -> None:
-        held = {id(s) for n in self.cache.nodes() for s in (n.snapshots or []) if s is not None}
+        from kvtrie.core.tiers import is_stored
+
+        def backend_object(snap):
+            """The backend snapshot a trie snapshot keeps open (a stored one may keep none)."""
+            if not is_stored(snap):
+                return snap
+            return snap.snapshot if snap.keeps_backend_snapshot else None
+
+        held = {
+            id(backend_object(s))
+            for n in self.cache.nodes()
+            for s in (n.snapshots or [])
+            if s is not None and backend_object(s) is not None
+        }
         assert held == set(self.backend.ledger.open), "snapshots leaked or lost"
         assert self.backend.ledger.closed_twice == 0
 
@@ -70,9 +87,16 @@ class Rig:
 
 @pytest.fixture
 def rig():
-    """Factory: ``rig(profile="mixed", budget=None, policy="kvtrie-seed")``."""
+    """Factory: ``rig(profile="mixed", budget=None, policy="kvtrie-seed", store=None,
+    disk_budget=None)``; a store adds a disk tier."""
 
-    def make(profile: str = "mixed", budget: int | None = None, policy: str = "kvtrie-seed"):
-        return Rig(profile, budget, policy)
+    def make(
+        profile: str = "mixed",
+        budget: int | None = None,
+        policy: str = "kvtrie-seed",
+        store=None,
+        disk_budget: int | None = None,
+    ):
+        return Rig(profile, budget, policy, store, disk_budget)
 
     return make

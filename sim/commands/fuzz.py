@@ -112,7 +112,8 @@ def _fuzz_summary(result) -> str:
         f"shapes, max depth {result.max_depth}, {result.totals.splits} splits, "
         f"{result.totals.merges} merges, {result.totals.evictions} evictions, "
         f"{result.totals.restore_failures} restore failures, "
-        f"{result.seconds:.1f} s"
+        f"{result.totals.moves_to_disk} moves to disk, {result.totals.disk_page_ins} page-ins "
+        f"from disk, {result.totals.disk_evictions} disk evictions, {result.seconds:.1f} s"
     )
 
 
@@ -185,6 +186,10 @@ def run(args: argparse.Namespace) -> int:
             "merges": result.totals.merges,
             "evictions": result.totals.evictions,
             "restore_failures": result.totals.restore_failures,
+            "moves_to_disk": result.totals.moves_to_disk,
+            "disk_page_ins": result.totals.disk_page_ins,
+            "disk_evictions": result.totals.disk_evictions,
+            "disk_write_failures": result.totals.disk_write_failures,
         }
         report.update(
             examples=result.examples,

@@ -8,8 +8,10 @@ from pathlib import Path
 
 from kvtrie.core.policy import STRATEGIES
 from kvtrie.core.prefix_cache import DEFAULT_BUDGET_BYTES, POLICIES
+from kvtrie.sim.traces import Trace
 
 from ..build import (
+    DiskTier,
     default_model,
     make_backend,
     make_cache,
@@ -111,6 +113,15 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
         help="most paged-out snapshot bytes, e.g. 8GiB, 512MiB, inf (default 8GiB)",
     )
     parser.add_argument(
+        "--disk-budget",
+        default=None,
+        metavar="SIZE",
+        help="add a disk tier of SIZE (e.g. 1TiB, inf): snapshots evicted from RAM move "
+        "there instead of being dropped, and are evicted from it in the same LRU order "
+        "(default: no disk tier). A replay simulates the disk: it counts the bytes a real "
+        "model's snapshots would take there without writing them",
+    )
+    parser.add_argument(
         "--policy",
         default=None,
         metavar="POLICY",
@@ -145,6 +156,31 @@ def _settings(args: argparse.Namespace, path: Path, header: dict) -> tuple:
     return backend_name, model, budget, policy
 
 
+def disk_tier(args: argparse.Namespace, path: Path, header: dict) -> DiskTier | None:
+    """The disk tier ``--disk-budget`` asks for, else the trace header's, else None."""
+    if args.disk_budget is not None:
+        return DiskTier(parse_size(args.disk_budget, "--disk-budget"))
+    if "disk_budget_bytes" not in header:
+        return None
+    budget = header["disk_budget_bytes"]
+    if budget is not None and budget < 0:
+        raise UsageError(f"{path}:1: header disk_budget_bytes: must be >= 0 or null, got {budget}")
+    return DiskTier(budget)
+
+
+def _check_disk_events(trace: Trace, disk: DiskTier | None) -> None:
+    """Disk-tier events need a disk tier: found before the replay starts, not in it."""
+    if disk is not None:
+        return
+    events = [*(e for r in trace.requests for e in r.events), *trace.trailing_events]
+    for event in events:
+        if event.kind in ("disk_budget", "fail_writes"):
+            raise UsageError(
+                f"{trace.path}:{event.line}: a {event.kind} event needs a disk tier: give "
+                "--disk-budget SIZE, or disk_budget_bytes in the trace's header"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     from ..costs import cost_for
     from ..mutants import MUTANTS, mutated
@@ -159,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         path = trace_path(args.trace)
         header = read_header(path)  # a trace may carry its own backend, model, budget, policy
         backend_name, model, budget, policy = _settings(args, path, header)
+        disk = disk_tier(args, path, header)
         mode = CheckMode.parse(args.check)
         positive("--limit", args.limit)
         for option, out in (("--report", args.report), ("--markdown", args.markdown)):
@@ -172,10 +209,11 @@ def run(args: argparse.Namespace) -> int:
         cost = cost_for(model, args.cost)
         backend = make_backend(backend_name, model)
         trace = load_trace(path, vocab_size=backend.vocab_size, options=read_options(args))
+        _check_disk_events(trace, disk)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     with mutated(mutant):  # built under the mutant: some patch choices made at construction
-        cache = make_cache(backend, budget, policy)
+        cache = make_cache(backend, budget, policy, disk)
         progress = False if args.quiet else None
         clock = None if cost is None else ServerClock(cost, args.time_scale)
         outcome = replay(

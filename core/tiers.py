@@ -1,0 +1,184 @@
+"""The disk tier: where snapshots evicted from RAM go, instead of being dropped.
+
+A node's snapshots live in one tier at a time. In RAM they are the backend's own objects; in
+the disk tier each is a :class:`StoredSnapshot`, the handle a :class:`SnapshotStore` gave back
+for it. The core never reads a stored snapshot's data itself: it opens a readable copy to
+restore from (:meth:`StoredSnapshot.opened`), or takes the data back to split or merge it
+(:meth:`StoredSnapshot.take`) and stores the pieces again, so a store decides alone how its
+bytes are kept and verified, and a copy it can't verify is never handed out.
+
+:class:`TieredLayers` is what the trie's split and merge run on: the live layers, with stored
+snapshots taken out before a layer cuts or joins them and stored again after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Protocol
+
+from .protocols import LayerCache, LayerKind, Snapshot
+
+__all__ = ["SimulatedDisk", "SnapshotStore", "StoredSnapshot", "TieredLayers", "is_stored"]
+
+
+class StoredSnapshot:
+    """A snapshot held by a store: its bounds and size, and the ways to get its data back.
+
+    ``keeps_backend_snapshot`` says whether the backend's own snapshot object stays open while
+    stored (a simulated disk keeps it; a file store closes it once written), so the oracle's
+    count of open snapshots knows what to expect.
+    """
+
+    keeps_backend_snapshot = False
+
+    def __init__(self, start: int, end: int, nbytes: int) -> None:
+        self._start = start
+        self._end = end
+        self._nbytes = nbytes
+
+    @property
+    def start(self) -> int:
+        return self._start
+
+    @property
+    def end(self) -> int:
+        return self._end
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    @contextmanager
+    def opened(self) -> Iterator[Snapshot | None]:
+        """A readable copy for the duration of the block, or None when the stored data can't
+        be verified (missing, truncated, checksum mismatch): the caller treats it as a miss."""
+        raise NotImplementedError
+        yield None
+
+    def take(self) -> Snapshot | None:
+        """The data back as a backend snapshot the caller owns (None when unverifiable); the
+        store forgets it."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Drop the stored data."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}([{self._start}, {self._end}), {self._nbytes} B)"
+
+
+def is_stored(snapshot: object) -> bool:
+    return isinstance(snapshot, StoredSnapshot)
+
+
+class SnapshotStore(Protocol):
+    """Where the disk tier keeps snapshots."""
+
+    name: str
+
+    def put(self, layer: int, snapshot: Snapshot) -> StoredSnapshot | None:
+        """Keep ``snapshot`` (layer ``layer``'s), taking ownership of it; None, with the
+        snapshot closed, when it could not be written (a full disk, a failed write)."""
+        ...
+
+
+class _HeldSnapshot(StoredSnapshot):
+    """A simulated disk's entry: the backend snapshot itself, counted as disk bytes."""
+
+    keeps_backend_snapshot = True
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        super().__init__(snapshot.start, snapshot.end, snapshot.nbytes)
+        self.snapshot: Snapshot | None = snapshot
+
+    @contextmanager
+    def opened(self) -> Iterator[Snapshot | None]:
+        yield self.snapshot
+
+    def take(self) -> Snapshot | None:
+        snapshot, self.snapshot = self.snapshot, None
+        return snapshot
+
+    def close(self) -> None:
+        if self.snapshot is not None:
+            self.snapshot.close()
+            self.snapshot = None
+
+    def corrupt(self) -> None:
+        """Damage the data it holds, as a flipped bit on a disk would (fault injection)."""
+        self.snapshot.corrupt()  # type: ignore[union-attr]
+
+
+class SimulatedDisk:
+    """A disk tier that keeps snapshots in memory and counts their bytes as disk bytes.
+
+    A replay's snapshot sizes are a real model's (terabytes for a production trace) while the
+    fake backend's data is a few integers, so a replay measures what a disk tier of any size
+    would hit without writing it; :class:`~kvtrie.core.store.DirectoryStore` is the real one.
+    """
+
+    name = "simulated"
+
+    def __init__(self) -> None:
+        self.failing_writes = 0
+
+    def fail_next_writes(self, count: int) -> None:
+        """Make the next ``count`` writes fail, as a full disk would (fault injection)."""
+        self.failing_writes += count
+
+    def put(self, layer: int, snapshot: Snapshot) -> StoredSnapshot | None:
+        if self.failing_writes:
+            self.failing_writes -= 1
+            snapshot.close()
+            return None
+        return _HeldSnapshot(snapshot)
+
+
+class TieredLayers:
+    """The live layers as the trie's split and merge see them: a stored snapshot is taken out
+    of its store before the layer cuts or joins it, and what comes out is stored again, so the
+    pieces of a disk-tier node stay in the disk tier."""
+
+    def __init__(self, layers: Sequence[LayerCache], store: SnapshotStore | None) -> None:
+        self.layers = list(layers)
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[_TieredLayer]:
+        return (_TieredLayer(i, layer, self.store) for i, layer in enumerate(self.layers))
+
+
+class _TieredLayer:
+    def __init__(self, index: int, layer: LayerCache, store: SnapshotStore | None) -> None:
+        self.index = index
+        self.layer = layer
+        self.store = store
+        self.kind: LayerKind = layer.kind
+
+    def _stored_again(self, snapshot: Snapshot | None) -> Snapshot | None:
+        if snapshot is None:
+            return None
+        assert self.store is not None, "a stored snapshot with no store"
+        return self.store.put(self.index, snapshot)
+
+    def split(self, snapshot: Snapshot, at: int) -> tuple[Snapshot | None, Snapshot | None]:
+        if not isinstance(snapshot, StoredSnapshot):
+            return self.layer.split(snapshot, at)
+        data = snapshot.take()
+        if data is None:
+            return None, None
+        head, tail = self.layer.split(data, at)
+        return self._stored_again(head), self._stored_again(tail)
+
+    def merge(self, parent: Snapshot | None, child: Snapshot | None) -> Snapshot | None:
+        stored = [s for s in (parent, child) if isinstance(s, StoredSnapshot)]
+        if not stored:
+            return self.layer.merge(parent, child)
+        assert len(stored) == 2 or None in (parent, child), "a merge across tiers"
+        a = parent.take() if isinstance(parent, StoredSnapshot) else parent
+        b = child.take() if isinstance(child, StoredSnapshot) else child
+        return self._stored_again(self.layer.merge(a, b))

@@ -1,0 +1,150 @@
+"""The disk tier: snapshots evicted from RAM move there, are served back (checked by the
+oracle), are evicted from it in LRU order, and each tier stays within its own budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvtrie.core import check
+from kvtrie.core.tiers import SimulatedDisk
+from kvtrie.sim.cli import main
+
+KV = 16  # bytes per token of the rig's "kv" profile
+# a conversation of 30 prompt tokens and 2 outputs leaves a node of 31 (the last output is
+# generated, never evaluated)
+NODE = 31 * KV
+
+
+def conversation(first: int, length: int = 30) -> list[int]:
+    return list(range(first, first + length))
+
+
+def test_a_prefix_evicted_from_ram_is_served_from_disk(rig):
+    with_disk = rig("kv", budget=40 * KV, store=SimulatedDisk())
+    ram_only = rig("kv", budget=40 * KV)
+    for r in (with_disk, ram_only):
+        for first in (100, 200, 300):  # leaving 200 pages it out, evicting 100 from RAM
+            r.run(conversation(first), [1, 2])
+    assert with_disk.cache.stats.moves_to_disk == 1
+    assert with_disk.cache.paged_out_bytes <= 40 * KV
+
+    again = conversation(100) + [1, 7]
+    assert ram_only.run(again).cached_tokens == 0
+    served = with_disk.run(again)  # rig.run asserts the restored state equals a fresh prefill
+    assert served.cached_tokens == 31
+    stats = with_disk.cache.stats
+    assert stats.disk_page_ins == 1 and stats.disk_hit_tokens == 31
+    assert stats.disk_read_bytes == NODE
+
+
+def test_the_disk_tier_evicts_its_least_recently_used_node(rig):
+    r = rig("kv", budget=0, store=SimulatedDisk(), disk_budget=2 * NODE)
+    for first in (100, 200, 300):
+        r.run(conversation(first), [1, 2])
+    r.run(conversation(400), [1, 2])  # moves 300 to disk, which drops 100, the oldest
+    on_disk = sorted(n.tokens[0] for n in r.cache.nodes() if n.on_disk)
+    assert on_disk == [200, 300]
+    assert r.cache.disk_bytes == 2 * NODE
+    assert r.cache.stats.disk_evictions == 1
+
+
+def test_a_page_out_too_big_for_ram_goes_straight_to_disk(rig):
+    r = rig("kv", budget=10 * KV, store=SimulatedDisk())
+    r.run(conversation(100), [1, 2])
+    r.run(conversation(200), [1, 2])
+    (node,) = [n for n in r.cache.nodes() if not n.is_root and n.tokens[0] == 100]
+    assert node.on_disk and r.cache.stats.snapshots_skipped == 0
+    assert r.run(conversation(100) + [1, 9]).cached_tokens == 31
+
+
+def test_a_failed_write_evicts_the_node_and_is_counted(rig):
+    store = SimulatedDisk()
+    r = rig("kv", budget=40 * KV, store=store)
+    r.run(conversation(100), [1, 2])
+    store.fail_next_writes(1)
+    r.run(conversation(200), [1, 2])
+    r.run(conversation(300), [1, 2])  # leaving 200 evicts 100 from RAM: its write fails
+    assert r.cache.stats.disk_write_failures == 1
+    assert all(n.tokens[0] != 100 for n in r.cache.nodes() if not n.is_root)
+    assert r.run(conversation(100) + [1, 9]).cached_tokens == 0
+
+
+def test_lowering_the_disk_budget_evicts_down_to_it(rig):
+    r = rig("kv", budget=0, store=SimulatedDisk())
+    for first in (100, 200, 300, 400):
+        r.run(conversation(first), [1, 2])
+    assert r.cache.disk_bytes == 3 * NODE  # the fourth is live
+    r.cache.set_disk_budget(NODE)
+    assert r.cache.disk_bytes == NODE and not check(r.cache)
+    r.cache.set_disk_budget(0)
+    assert r.cache.disk_bytes == 0 and not check(r.cache)
+
+
+def test_a_node_in_two_tiers_is_a_violation(rig):
+    """The checker's tier rule fires: a node marked as on disk holding a RAM snapshot."""
+    r = rig("kv")
+    r.run(conversation(100), [1])
+    r.run(conversation(200), [1])  # leaving 100 pages it out
+    (node,) = [n for n in r.cache.nodes() if n.snapshots]
+    node.on_disk = True
+    assert [v.invariant for v in check(r.cache)].count("TIER") == 1
+
+
+def replay(tmp_path, *argv: str) -> dict:
+    report = tmp_path / "r.json"
+    assert main(["replay", *argv, "-q", "--report", str(report)]) == 0
+    return json.loads(report.read_text())
+
+
+@pytest.mark.parametrize("policy", ["kvtrie-seed", "kvtrie-improved"])
+def test_both_tiers_stay_within_budget_at_every_instant(tmp_path, policy):
+    """Full checks audit every eviction and every move (I6 for each tier after each one)."""
+    report = replay(
+        tmp_path,
+        "agent",
+        "--budget",
+        "512MiB",
+        "--disk-budget",
+        "1GiB",
+        "--check",
+        "full",
+        "--policy",
+        policy,
+    )
+    disk = report["disk_tier"]
+    assert report["peak_paged_out_bytes"] <= 512 << 20 and disk["peak_bytes"] <= 1 << 30
+    assert disk["moves_to_disk"] and disk["evictions"] and disk["page_ins"]
+    assert report["violations"] == []
+
+
+def test_ram_and_disk_hit_at_least_one_ram_tier_of_their_sum(tmp_path):
+    both = replay(
+        tmp_path, "chat", "--budget", "1GiB", "--disk-budget", "8GiB", "--policy", "kvtrie-improved"
+    )
+    one = replay(tmp_path, "chat", "--budget", "9GiB", "--policy", "kvtrie-improved")
+    assert both["hit_ratio"] >= one["hit_ratio"] - 0.002
+    unbounded = replay(
+        tmp_path, "chat", "--budget", "1GiB", "--disk-budget", "inf", "--policy", "kvtrie-improved"
+    )
+    assert unbounded["cached_tokens"] == unbounded["ideal_cached_tokens"]
+    assert unbounded["peak_paged_out_bytes"] <= 1 << 30
+
+
+def test_without_a_disk_tier_the_report_says_none(tmp_path):
+    assert replay(tmp_path, "system-prompt")["disk_tier"] is None
+
+
+def test_disk_events_need_a_disk_tier(tmp_path, capsys):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(
+        '{"format": "kvtrie-trace", "version": 1}\n'
+        '{"id": "a", "prompt": [1, 2, 3], "output": [4]}\n'
+        '{"event": "disk_budget", "budget_bytes": 0}\n'
+    )
+    assert main(["replay", str(trace), "-q"]) == 2
+    assert f"{trace}:3: a disk_budget event needs a disk tier" in capsys.readouterr().err
+    assert main(["replay", str(trace), "-q", "--disk-budget", "1MiB"]) == 0
+    assert main(["replay", str(trace), "-q", "--disk-budget", "lots"]) == 2
+    assert "--disk-budget: bad size 'lots'" in capsys.readouterr().err
