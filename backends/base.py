@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from kvtrie.core.protocols import LayerCache
+from kvtrie.core.store import SnapshotCodec
 
 __all__ = ["Backend", "Faults"]
 
@@ -52,6 +53,10 @@ class Backend(Protocol):
     def unaccounted(self, held: int) -> str | None:
         """I5: None when the ``held`` snapshots are all this backend has open (none leaked,
         none closed twice), or when the backend does not track them."""
+        ...
+
+    def snapshot_codec(self) -> SnapshotCodec:
+        """How this model's snapshots are written to a directory store and read back."""
         ...
 
 

@@ -14,6 +14,9 @@ snapshot is refused and the cache recomputes.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +30,7 @@ from kvtrie.core.trie import as_tokens
 from .base import CheckedRestore, Faults, RangeSnapshots, WholeStateSnapshots
 from .profiles import LayerSpec, ModelProfile
 
-__all__ = ["FakeBackend", "Faults", "SnapshotLedger", "prefix_hashes"]
+__all__ = ["FakeBackend", "FakeCodec", "Faults", "SnapshotLedger", "prefix_hashes"]
 
 _U64 = np.uint64
 _BASE = 0x9E3779B97F4A7C15  # odd, so it has an inverse mod 2**64
@@ -493,12 +496,60 @@ class FakeBackend:
             return f"{len(self.ledger.open)} snapshots are open but the trie holds {held}"
         return None
 
+    def snapshot_codec(self) -> FakeCodec:
+        return FakeCodec(self)
+
     def logits_mismatch(self, prompt: np.ndarray, logits: int | None) -> str | None:
         """I9 after prefill: the digest of the live state equals a fresh prefill's, exactly."""
         fresh = self.evaluate(self.new_layers(), prompt)
         if fresh != logits:
             return f"state digest after {len(prompt)} prompt tokens differs from a fresh prefill"
         return None
+
+
+class FakeCodec:
+    """The fake backend's snapshots as tensors and back, for a directory store: a KV
+    snapshot's segments (the hash before each, its tokens, its checksum), a window, a state."""
+
+    def __init__(self, backend: FakeBackend) -> None:
+        self.backend = backend
+        specs = json.dumps([dataclasses.astuple(spec) for spec in backend.profile.layers])
+        digest = hashlib.sha256(specs.encode()).hexdigest()[:16]
+        self.fingerprint = f"fake:{backend.profile.name}:{digest}"
+
+    def encode(
+        self, layer: int, snapshot: Snapshot
+    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        if isinstance(snapshot, KVSnapshot):
+            segments = snapshot.segments
+            tensors = {
+                "before": np.array([s.before for s in segments], dtype=_U64),
+                "checksum": np.array([s.checksum for s in segments], dtype=_U64),
+                "lengths": np.array([len(s.tokens) for s in segments], dtype=np.int64),
+                "tokens": np.concatenate([s.tokens for s in segments]).astype(np.int32),
+            }
+            return tensors, {"kind": "kv"}
+        if isinstance(snapshot, WindowSnapshot):
+            return {"window": snapshot.window}, {"kind": "window"}
+        assert isinstance(snapshot, StateSnapshot)
+        return {"state": np.array([snapshot.state], dtype=_U64)}, {"kind": "state"}
+
+    def decode(self, layer: int, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> Snapshot:
+        spec = self.backend.profile.layers[layer]
+        ledger = self.backend.ledger
+        end = int(meta["end"])
+        if meta["kind"] == "kv":
+            cuts = np.cumsum(tensors["lengths"])[:-1]
+            segments = [
+                Segment(int(before), tokens.copy(), int(checksum))
+                for before, tokens, checksum in zip(
+                    tensors["before"], np.split(tensors["tokens"], cuts), tensors["checksum"]
+                )
+            ]
+            return KVSnapshot(segments, int(meta["start"]), spec, ledger)
+        if meta["kind"] == "window":
+            return WindowSnapshot(tensors["window"].copy(), end, spec, ledger)
+        return StateSnapshot(int(tensors["state"][0]), end, spec, ledger)
 
 
 def _same_state(a: object, b: object) -> bool:

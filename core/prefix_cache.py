@@ -28,7 +28,7 @@ from . import evict
 from .evict import Evictor
 from .policy import POLICIES, CachePolicy
 from .protocols import LayerCache, LayerKind, Snapshot
-from .tiers import SnapshotStore, TieredLayers, is_stored
+from .tiers import SavedNode, SnapshotStore, TieredLayers, is_stored
 from .trie import (
     ByteLedger,
     Node,
@@ -130,10 +130,58 @@ class PrefixCache:
         self.stats = CacheStats()
         self.root = Node(tokens=as_tokens([]), end=0, last_used=self.clock())
         self.active_path: list[Node] = [self.root]
+        self.adopted_nodes = self._adopt(store.saved()) if store is not None else 0
         self.evictor = Evictor(self)
         self.evictor.budget_changed()
         self._session: Session | None = None
         self._points: set[int] = set()  # nodes the open request took snapshots of, by id
+
+    def _adopt(self, saved: list[SavedNode]) -> int:
+        """Rebuild the trie a store kept from an earlier run, its nodes older than any new one
+        (in their old LRU order); a node that does not fit where the manifest puts it is left
+        out with what hangs below it. Returns how many nodes hold adopted snapshots."""
+        built: list[Node | None] = []
+        held = 0
+        oldest_first = sorted(range(len(saved)), key=lambda i: saved[i].last_used)
+        when = {index: rank - len(saved) for rank, index in enumerate(oldest_first)}
+        for index, entry in enumerate(saved):
+            parent = self.root if entry.parent < 0 else built[entry.parent]
+            node = None
+            if parent is not None and _fits(parent, entry, self.layers):
+                node = Node(
+                    tokens=as_tokens(entry.tokens),
+                    end=parent.end + len(entry.tokens),
+                    parent=parent,
+                    last_used=when[index],  # before the clock's first tick
+                    user=entry.user,
+                )
+                parent.children[int(entry.tokens[0])] = node
+                node.give_snapshots(entry.snapshots, self.ledger)
+                held += node.has_snapshots()
+            else:
+                _close(entry.snapshots or [])
+            built.append(node)
+        for node in reversed([n for n in built if n is not None]):
+            if not node.children and not node.user and node.snapshots is None:
+                remove_leaf(node, self.ledger)  # a bare leaf: what it led to was lost
+        return held
+
+    def close(self) -> None:
+        """Keep what can be kept, then let go of the store: the live path is paged out and,
+        with a disk tier, every snapshot in RAM moves there (as its budget allows, oldest
+        first, so the newest are kept) before the store writes down the trie."""
+        if self._session is not None:
+            self._session.close(self._session.outputs)
+        self._switch([self.root])
+        if self.store is None:
+            return
+        for node in sorted(
+            (n for n in self.nodes() if n.has_snapshots() and not n.on_disk),
+            key=lambda n: n.last_used,
+        ):
+            if node.parent is not None and node.has_snapshots() and not node.on_disk:
+                self.evictor.move_to_disk(node, {id(self.root)})
+        self.store.close(self)
 
     def set_budget(self, budget_bytes: int | None) -> None:
         """Change the budget (None: unbounded) and evict down to it at once."""
@@ -562,6 +610,8 @@ class PrefixCache:
         if offset > frontier.end:
             self.advance(frontier, tokens[frontier.end : offset])
         self.mark_used(self.active_path)
+        if self.store is not None:
+            self.store.after_request(self)
 
     def last_point(self, prompt_length: int) -> int:
         """Where :class:`~kvtrie.core.policy.RestorePointBeforeLastToken` snapshots a prompt:
@@ -589,6 +639,21 @@ def _close(snapshots: list[Snapshot | None]) -> None:
     for snap in snapshots:
         if snap is not None:
             snap.close()
+
+
+def _fits(parent: Node, entry: SavedNode, layers: Sequence[LayerCache]) -> bool:
+    """Whether a saved node can hang under ``parent``: a non-empty edge whose first token is
+    free there, and snapshots that cover its range."""
+    if len(entry.tokens) == 0 or int(entry.tokens[0]) in parent.children:
+        return False
+    if entry.snapshots is None:
+        return True
+    end = parent.end + len(entry.tokens)
+    return len(entry.snapshots) == len(layers) and all(
+        snap is None
+        or (snap.end == end and (layer.kind is not LayerKind.KV or snap.start == parent.end))
+        for layer, snap in zip(layers, entry.snapshots)
+    )
 
 
 def _check_budget(budget_bytes: int | None, name: str = "budget_bytes") -> None:

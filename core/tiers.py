@@ -15,11 +15,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
 
 from .protocols import LayerCache, LayerKind, Snapshot
 
-__all__ = ["SimulatedDisk", "SnapshotStore", "StoredSnapshot", "TieredLayers", "is_stored"]
+if TYPE_CHECKING:
+    from .prefix_cache import PrefixCache
+
+__all__ = [
+    "SavedNode",
+    "SimulatedDisk",
+    "SnapshotStore",
+    "StoredSnapshot",
+    "TieredLayers",
+    "is_stored",
+]
 
 
 class StoredSnapshot:
@@ -73,6 +86,19 @@ def is_stored(snapshot: object) -> bool:
     return isinstance(snapshot, StoredSnapshot)
 
 
+@dataclass
+class SavedNode:
+    """A trie node a store kept from an earlier run: its edge, its parent (an index into the
+    same list, parents first; -1 for the root), its place in LRU order, whether it is a user
+    restore point, and its verified snapshots (None: a bare node on the way to others)."""
+
+    tokens: np.ndarray
+    parent: int
+    last_used: int
+    user: bool
+    snapshots: list[StoredSnapshot | None] | None
+
+
 class SnapshotStore(Protocol):
     """Where the disk tier keeps snapshots."""
 
@@ -81,6 +107,19 @@ class SnapshotStore(Protocol):
     def put(self, layer: int, snapshot: Snapshot) -> StoredSnapshot | None:
         """Keep ``snapshot`` (layer ``layer``'s), taking ownership of it; None, with the
         snapshot closed, when it could not be written (a full disk, a failed write)."""
+        ...
+
+    def saved(self) -> list[SavedNode]:
+        """The trie kept from an earlier run, verified (empty for a store that does not
+        persist); the cache adopts it when built."""
+        ...
+
+    def after_request(self, cache: PrefixCache) -> None:
+        """A request closed: a persistent store may write down the trie's shape now."""
+        ...
+
+    def close(self, cache: PrefixCache | None = None) -> None:
+        """Finish writing, keep ``cache``'s trie shape (when given) and let go of the store."""
         ...
 
 
@@ -134,6 +173,15 @@ class SimulatedDisk:
             snapshot.close()
             return None
         return _HeldSnapshot(snapshot)
+
+    def saved(self) -> list[SavedNode]:
+        return []  # nothing outlives the process
+
+    def after_request(self, cache: PrefixCache) -> None:
+        pass
+
+    def close(self, cache: PrefixCache | None = None) -> None:
+        pass
 
 
 class TieredLayers:

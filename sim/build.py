@@ -13,7 +13,7 @@ from pathlib import Path
 from kvtrie.backends.base import Backend
 from kvtrie.core.policy import CachePolicy, parse_policy
 from kvtrie.core.prefix_cache import PrefixCache
-from kvtrie.core.tiers import SimulatedDisk
+from kvtrie.core.tiers import SimulatedDisk, SnapshotStore
 
 __all__ = [
     "DiskTier",
@@ -113,23 +113,33 @@ def make_policy(spelling: str, snapshot_interval: int | None = None) -> CachePol
 
 @dataclass(frozen=True)
 class DiskTier:
-    """A disk tier as a user asked for it: its budget (None: unbounded)."""
+    """A disk tier as a user asked for it: its budget (None: unbounded) and its directory
+    (None: simulated, bytes counted and nothing written)."""
 
     budget: int | None
+    directory: Path | None = None
 
 
 def make_cache(
     backend: Backend, budget: int | None, policy: CachePolicy, disk: DiskTier | None = None
 ) -> PrefixCache:
     """A cache on ``backend``'s layers; with ``disk``, snapshots evicted from RAM move to a
-    simulated disk tier under its budget (a replay's bytes are a real model's)."""
+    disk tier under its budget: files in its directory (reopened, what it kept is adopted),
+    or a simulated disk. A directory that can't be used is a ValueError
+    (:class:`~kvtrie.core.store.StoreError`) saying why."""
     if disk is None:
         return PrefixCache(backend.new_layers(), budget_bytes=budget, policy=policy)
+    if disk.directory is None:
+        store: SnapshotStore = SimulatedDisk()
+    else:
+        from kvtrie.core.store import DirectoryStore
+
+        store = DirectoryStore(disk.directory, backend.snapshot_codec())
     return PrefixCache(
         backend.new_layers(),
         budget_bytes=budget,
         policy=policy,
-        store=SimulatedDisk(),
+        store=store,
         disk_budget_bytes=disk.budget,
     )
 

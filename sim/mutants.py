@@ -5,8 +5,9 @@ They come in areas, each a part of what kvtrie promises: ``core`` (the trie and 
 of them the bugs SPEC.md lists for this design family), ``strategies`` (each choice of the
 improved policy off, or off by a page or a node: bugs that only lose reuse), ``fake`` and
 ``mlx`` (each layer kind's snapshot, split, merge, restore and free on each backend),
-``checker`` (each check weakened to pass what it must report) and ``replayer`` (its counters
-and the infinite-cache bound). MLX mutants are fuzzed on the MLX backend.
+``checker`` (each check weakened to pass what it must report), ``replayer`` (its counters
+and the infinite-cache bound) and ``store`` (the disk tier's promises at a write and across a
+restart). MLX mutants are fuzzed on the MLX backend.
 """
 
 from __future__ import annotations
@@ -36,13 +37,14 @@ from kvtrie.core.policy import (
     WholePagesUnderPressure,
 )
 from kvtrie.core.prefix_cache import PrefixCache
+from kvtrie.core.store import DirectoryStore
 
 from . import ideal, peers, report
 from .runner import RequestRunner
 
 __all__ = ["AREAS", "MUTANTS", "Mutant", "mutated"]
 
-AREAS = ("core", "strategies", "fake", "mlx", "checker", "replayer")
+AREAS = ("core", "strategies", "fake", "mlx", "checker", "replayer", "store")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,24 @@ class Mutant:
     def backend(self) -> str:
         """The backend its fuzzing runs on: its own for a backend mutant, else the fake."""
         return "mlx" if self.area == "mlx" else "fake"
+
+
+def _room_only_checked(self: Evictor, nbytes, protected):
+    """The disk tier's make-room that evicts nothing before a write..."""
+    budget = self.cache.disk_budget_bytes
+    return budget is None or nbytes <= budget
+
+
+def _write_then_make_room(real):
+    """...and makes room once the write is done: the budget counted too late."""
+
+    def write(self: Evictor, node, snapshots):
+        done = real(self, node, snapshots)
+        if self.cache.disk_budget_bytes is not None:
+            self._evict_disk_until(self.cache.disk_budget_bytes, {id(node)})
+        return done
+
+    return write
 
 
 def _match_without_one_token_rule(self: PrefixCache, tokens, path, matched):
@@ -648,6 +668,28 @@ MUTANTS: dict[str, Mutant] = {
             "the report's ratios divide by one token too many",
             lambda: [(report, "_ratio", _ratio_over_computed)],
             area="replayer",
+        ),
+        # the disk tier's store
+        Mutant(
+            "store-manifest-before-file",
+            "the manifest lists files still queued for writing",
+            lambda: [(DirectoryStore, "_listable", lambda self, snapshot: True)],
+            area="store",
+        ),
+        Mutant(
+            "store-adopt-skips-checksum",
+            "reopening adopts files without checking their checksums",
+            lambda: [(DirectoryStore, "_intact", lambda self, data, entry: True)],
+            area="store",
+        ),
+        Mutant(
+            "store-budget-counted-late",
+            "disk room is made once a write is done, not before it starts",
+            lambda: [
+                (Evictor, "_make_disk_room", _room_only_checked),
+                (Evictor, "_write", _write_then_make_room(Evictor._write)),
+            ],
+            area="store",
         ),
     ]
 }

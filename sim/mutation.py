@@ -20,7 +20,7 @@ from pathlib import Path
 from kvtrie.backends.contract import broken_promises
 
 from . import selfcheck
-from .build import make_backend, make_cache, make_policy
+from .build import DiskTier, make_backend, make_cache, make_policy
 from .fuzz import FuzzConfig, run_fuzz
 from .mutants import MUTANTS, mutated
 from .replay import replay
@@ -56,7 +56,9 @@ def replay_verdict(path: Path, mutant: str | None) -> str | None:
     log.setLevel(logging.CRITICAL)
     try:
         with mutated(mutant):
-            cache = make_cache(backend, header.get("budget_bytes"), make_policy(header["policy"]))
+            disk = DiskTier(header["disk_budget_bytes"]) if "disk_budget_bytes" in header else None
+            policy = make_policy(header["policy"])
+            cache = make_cache(backend, header.get("budget_bytes"), policy, disk)
             outcome = replay(trace, backend, cache, CheckMode(full=True), progress=False)
     finally:
         log.setLevel(level)

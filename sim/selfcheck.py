@@ -14,14 +14,17 @@ Checks are called through their modules (``invariants.check``), so a mutant's pa
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kvtrie.backends.fake import FakeBackend
+from kvtrie.backends.fake import FakeBackend, FakeCodec
 from kvtrie.backends.profiles import LayerSpec, ModelProfile, get_profile
 from kvtrie.core import invariants
 from kvtrie.core.evict import TRIM_PAGE
@@ -29,6 +32,8 @@ from kvtrie.core.invariants import Checker, Violation
 from kvtrie.core.policy import parse_policy
 from kvtrie.core.prefix_cache import PrefixCache, RequestAccount
 from kvtrie.core.protocols import LayerKind
+from kvtrie.core.store import MANIFEST, DirectoryStore
+from kvtrie.core.tiers import SimulatedDisk
 from kvtrie.core.trie import Node, as_tokens, walk
 
 from . import ideal as ideal_module
@@ -1204,4 +1209,107 @@ def _strategy_cases() -> list[SelfCheck]:
     ]
 
 
-CASES: list[SelfCheck] = _checker_cases() + _replayer_cases() + _strategy_cases()
+# ---- the disk tier's store: what it promises across a restart and at every write ----------
+
+
+def _store_cache(backend: FakeBackend, folder: str, **options: Any) -> PrefixCache:
+    """RAM budget 0: every page-out goes straight to the store."""
+    store = DirectoryStore(folder, FakeCodec(backend), **options)
+    return PrefixCache(backend.new_layers(), 0, parse_policy("kvtrie-seed"), store=store)
+
+
+def _serve(cache: PrefixCache, backend: FakeBackend, prompt: list[int]) -> None:
+    """One request, its whole prompt evaluated, no outputs (no checks: a store case looks at
+    the store)."""
+    session = cache.begin(prompt)
+    session.prefill(lambda tokens: backend.evaluate(cache.layers, tokens))
+    session.close()
+
+
+def _adopt_verifies(kind: str) -> str | None:
+    """A file damaged while the store was closed is deleted on open, not adopted."""
+    with tempfile.TemporaryDirectory() as folder:
+        backend = FakeBackend(KINDS[kind])
+        cache = _store_cache(backend, folder, background=False)
+        for prompt in (PAGE, [40, 41, 42]):
+            _serve(cache, backend, prompt)
+        _serve(cache, backend, [60])  # pages [40, 41, 42] out, so two files in the store
+        cache.store.close(cache)  # the manifest, without paging the live path out too
+        path = sorted(Path(folder, "snapshots").iterdir())[0]
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 1
+        path.write_bytes(bytes(data))
+        reopened = DirectoryStore(folder, FakeCodec(FakeBackend(KINDS[kind])))
+        report = reopened.report
+        reopened.close()
+        if report.adopted_files != 1 or report.deleted != {"corrupt": 1}:
+            return f"reopened a store with one damaged file: {report.as_dict()}"
+    return None
+
+
+def _manifest_lists_written_files(kind: str) -> str | None:
+    """A manifest written while a file is still queued does not list it."""
+    with tempfile.TemporaryDirectory() as folder:
+        backend = FakeBackend(KINDS[kind])
+        cache = _store_cache(backend, folder)
+        store = cache.store
+        assert isinstance(store, DirectoryStore)
+        with store.lock:  # the writer waits for it: the page-out below stays queued
+            _serve(cache, backend, PAGE)
+            _serve(cache, backend, [40, 41, 42])
+            store.save(cache)
+            manifest = json.loads(Path(folder, MANIFEST).read_text())["body"]
+        store.close()
+        if manifest["files"]:
+            return f"a manifest lists {sorted(manifest['files'])}, still queued for writing"
+    return None
+
+
+class _WatchedDisk(SimulatedDisk):
+    """A simulated disk that notes every write the disk budget did not have room for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache: PrefixCache | None = None
+        self.over: list[int] = []
+
+    def put(self, layer: int, snapshot: Any) -> Any:
+        cache = self.cache
+        assert cache is not None
+        budget = cache.disk_budget_bytes
+        if budget is not None and cache.ledger.disk_total + snapshot.nbytes > budget:
+            self.over.append(cache.ledger.disk_total + snapshot.nbytes)
+        return super().put(layer, snapshot)
+
+
+def _room_before_write(kind: str) -> str | None:
+    """Room on disk is made before a write starts, so no write ever runs over the budget."""
+    backend = FakeBackend(KINDS[kind])
+    disk = _WatchedDisk()
+    cache = PrefixCache(backend.new_layers(), 0, parse_policy("kvtrie-seed"), store=disk)
+    disk.cache = cache
+    cache.set_disk_budget(None)
+    for first in (10, 30, 50):
+        _serve(cache, backend, list(range(first, first + 8)))
+    cache.set_disk_budget(cache.disk_bytes)  # room for exactly what is there
+    for first in (70, 90):
+        _serve(cache, backend, list(range(first, first + 8)))
+    if disk.over:
+        return f"writes started with {disk.over[0]} B on a disk of {cache.disk_budget_bytes} B"
+    return None
+
+
+def _store_cases() -> list[SelfCheck]:
+    return [
+        SelfCheck("store-adopt-verifies", "store", ("attention",), _adopt_verifies),
+        SelfCheck(
+            "store-manifest-lists-written-files",
+            "store",
+            ("attention",),
+            _manifest_lists_written_files,
+        ),
+        SelfCheck("store-room-before-write", "store", ("attention", "mixed"), _room_before_write),
+    ]
+
+
+CASES: list[SelfCheck] = _checker_cases() + _replayer_cases() + _strategy_cases() + _store_cases()

@@ -39,6 +39,8 @@ class Rig:
 
         self.backend = FakeBackend(fake_profile(profile))
         self.layers = self.backend.new_layers()
+        if callable(store):  # a factory of a store for this backend (a directory store's codec)
+            store = store(self.backend)
         self.cache = PrefixCache(
             self.layers,
             budget_bytes=budget,
@@ -88,7 +90,8 @@ class Rig:
 @pytest.fixture
 def rig():
     """Factory: ``rig(profile="mixed", budget=None, policy="kvtrie-seed", store=None,
-    disk_budget=None)``; a store adds a disk tier."""
+    disk_budget=None)``; a store (or a function of the rig's backend that makes one) adds a
+    disk tier."""
 
     def make(
         profile: str = "mixed",

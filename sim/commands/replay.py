@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kvtrie.core.policy import STRATEGIES
 from kvtrie.core.prefix_cache import DEFAULT_BUDGET_BYTES, POLICIES
+from kvtrie.core.store import StoreError
 from kvtrie.sim.traces import Trace
 
 from ..build import (
@@ -122,6 +123,15 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
         "model's snapshots would take there without writing them",
     )
     parser.add_argument(
+        "--disk-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep the disk tier in DIR, for real: one safetensors file per snapshot and a "
+        "manifest, written in the background; reopened, DIR's verified snapshots are adopted "
+        "(another model's store, or one in use, is refused). Default budget with it: inf",
+    )
+    parser.add_argument(
         "--policy",
         default=None,
         metavar="POLICY",
@@ -157,9 +167,12 @@ def _settings(args: argparse.Namespace, path: Path, header: dict) -> tuple:
 
 
 def disk_tier(args: argparse.Namespace, path: Path, header: dict) -> DiskTier | None:
-    """The disk tier ``--disk-budget`` asks for, else the trace header's, else None."""
+    """The disk tier ``--disk-budget`` and ``--disk-dir`` ask for, else the trace header's,
+    else None."""
     if args.disk_budget is not None:
-        return DiskTier(parse_size(args.disk_budget, "--disk-budget"))
+        return DiskTier(parse_size(args.disk_budget, "--disk-budget"), args.disk_dir)
+    if args.disk_dir is not None:
+        return DiskTier(header.get("disk_budget_bytes"), args.disk_dir)
     if "disk_budget_bytes" not in header:
         return None
     budget = header["disk_budget_bytes"]
@@ -213,15 +226,21 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     with mutated(mutant):  # built under the mutant: some patch choices made at construction
-        cache = make_cache(backend, budget, policy, disk)
+        try:
+            cache = make_cache(backend, budget, policy, disk)
+        except StoreError as exc:
+            raise UsageError(str(exc)) from None
         progress = False if args.quiet else None
         clock = None if cost is None else ServerClock(cost, args.time_scale)
-        outcome = replay(
-            trace, backend, cache, mode, args.limit, args.keep_going, progress, clock
-        )
-    report = build_report(
-        trace, outcome, cache, backend_name, model, args.check, backend.oracle()
-    )
+        try:
+            outcome = replay(
+                trace, backend, cache, mode, args.limit, args.keep_going, progress, clock
+            )
+            report = build_report(
+                trace, outcome, cache, backend_name, model, args.check, backend.oracle()
+            )
+        finally:
+            cache.close()  # a directory store keeps the trie for the next run
     if not args.quiet:
         print(text_summary(report))
     if outcome.violations:
