@@ -78,7 +78,9 @@ class SnapshotCodec(Protocol):
 def _encode_file(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> bytes:
     from safetensors.numpy import save
 
-    return save(tensors, metadata=meta)
+    # safetensors writes an array's memory as it lies: a strided view (MLX's values of a
+    # sliding window are one) would come back scrambled, so every tensor is made contiguous
+    return save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=meta)
 
 
 def _decode_file(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -419,7 +421,14 @@ class DirectoryStore:
             self.failing_writes -= 1
             return None
         data = _encode_file(
-            tensors, {**meta, "layer": str(layer), "start": str(start), "end": str(end)}
+            tensors,
+            {
+                **meta,
+                "layer": str(layer),
+                "start": str(start),
+                "end": str(end),
+                "nbytes": str(nbytes),
+            },
         )
         name = f"{self._next_id:012d}-{layer}.safetensors"
         self._next_id += 1

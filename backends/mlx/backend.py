@@ -13,6 +13,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from ..base import Faults
 from .adapters import MLXLayer, adapt, arrays_of, state_difference
+from .codec import MLXCodec
 from .models import TINY_MODELS, build_tiny_model, tiny_model, vocab_of
 from .tolerance import STRICT, Tolerance, measure_tolerance
 
@@ -135,6 +136,9 @@ class MLXBackend:
     def unaccounted(self, held: int) -> str | None:
         """MLX arrays are freed by reference counting; there is no ledger to compare."""
         return None
+
+    def snapshot_codec(self) -> MLXCodec:
+        return MLXCodec(self.model)
 
     def logits_mismatch(self, prompt: np.ndarray, logits: mx.array | None) -> str | None:
         """I9 after prefill: the live logits equal a fresh full prefill's within tolerance."""

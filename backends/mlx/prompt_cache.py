@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from kvtrie.core.prefix_cache import (
     PrefixCache,
     Session,
 )
+from kvtrie.core.store import DirectoryStore
 
 from .backend import MLXBackend
 from .models import vocab_of
@@ -38,15 +40,36 @@ class MLXPromptCache:
         budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
         policy: CachePolicy | None = None,
         name: str = "model",
+        disk_dir: str | Path | None = None,
+        disk_budget: int | None = None,
     ) -> None:
+        """``disk_dir`` adds a disk tier there under ``disk_budget`` bytes (None: unbounded):
+        snapshots evicted from RAM are written to it, and a new process on the same directory
+        adopts what it verifies (another model's directory, or one in use, is a
+        :class:`~kvtrie.core.store.StoreError`). Call :meth:`close` to keep everything."""
         self.backend = MLXBackend(model, name, vocab_of(model))
         # kvtrie-improved unless told otherwise: on a 3-conversation, 4-turn chat sharing a
         # 200-token system prompt (tiny-attention) it prefilled 344 tokens against the seed's
         # 544 unbounded, and 344 against 1,244 at a 128 KiB budget
         policy = POLICIES["kvtrie-improved"] if policy is None else policy
-        self.cache = PrefixCache(self.backend.new_layers(), budget_bytes, policy)
+        store = None
+        if disk_dir is not None:
+            store = DirectoryStore(disk_dir, self.backend.snapshot_codec())
+        self.cache = PrefixCache(
+            self.backend.new_layers(),
+            budget_bytes,
+            policy,
+            store=store,
+            disk_budget_bytes=disk_budget,
+        )
         self._session: Session | None = None
         self._fetched_at = 0  # the live offset fetch() left: mlx-lm evaluates from there
+
+    def close(self) -> None:
+        """Keep what is cached: the live path and RAM's snapshots go to the disk tier (when
+        there is one), whose store writes down the trie for the next process."""
+        self._session = None
+        self.cache.close()
 
     def fetch(self, prompt: Sequence[int] | np.ndarray) -> tuple[list[Any], list[int]]:
         """The live mlx-lm caches and the prompt tokens mlx-lm still has to evaluate (at least

@@ -21,14 +21,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "eviction index). "
         "mlx: on real MLX models, warm vs cold prefill, page-in vs recompute, the cache's "
         "overhead with no shared prefixes, and tokens computed by kvtrie vs mlx-lm's own "
-        "prompt cache, all as ratios measured in one run.",
+        "prompt cache, all as ratios measured in one run. "
+        "crash: kill -9 a replay writing a disk store at random points, reopen the store and "
+        "replay with every check on after each; counts wrong states, points over the disk "
+        "budget and leaked files (all must be 0).",
     )
-    bench.add_argument("suite", choices=["replay", "eviction", "mlx"], help="what to measure")
+    bench.add_argument(
+        "suite", choices=["replay", "eviction", "mlx", "crash"], help="what to measure"
+    )
+    bench.add_argument(
+        "--points",
+        type=int,
+        default=50,
+        metavar="N",
+        help="crash: how many kill points (default 50; 5 with --quick)",
+    )
     bench.add_argument(
         "--quick",
         action="store_true",
         help="a short run: replay the first 1000 requests; mlx with tiny models "
-        "and 512-token prompts",
+        "and 512-token prompts; crash on the agent trace, 5 points",
     )
     bench.add_argument("--report", type=Path, help="write the JSON results here")
     bench.set_defaults(func=run)
@@ -59,6 +71,27 @@ def _print_mlx_bench(results: dict) -> None:
         )
     met = results["targets_met"]
     print("  targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items()))
+
+
+def _crash(args: argparse.Namespace) -> dict:
+    import tempfile
+
+    from ..crash import crash_points
+
+    points = 5 if args.quick and args.points == 50 else args.points
+    if points < 1:
+        raise UsageError(f"--points must be >= 1, got {points}")
+    trace, budget, disk = ("agent", "256MiB", 2 << 30) if args.quick else ("chat", "1GiB", 8 << 30)
+    with tempfile.TemporaryDirectory(prefix="kvtrie-crash-") as folder:
+        results = crash_points(trace, Path(folder) / "store", points, budget, disk, progress=True)
+    print(
+        f"crash bench ({trace}, {results['points']} kill -9 points, "
+        f"{results['killed_running']} mid-run): {results['wrong_states']} wrong states, "
+        f"{results['failed_checks']} failed checks, {results['over_budget_points']} points over "
+        f"the disk budget, {results['leaked_files']} leaked files; deleted on reopening: "
+        f"{results['deleted_on_open']}"
+    )
+    return results
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,6 +128,12 @@ def run(args: argparse.Namespace) -> int:
             f"trie; target {'met' if results['targets_met'] else 'MISSED'}"
         )
         clean = results["targets_met"]
+    elif args.suite == "crash":
+        results = _crash(args)
+        clean = not any(
+            results[k]
+            for k in ("wrong_states", "failed_checks", "over_budget_points", "leaked_files")
+        )
     else:
         results = bench_mlx(quick=args.quick)
         _print_mlx_bench(results)
