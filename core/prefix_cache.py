@@ -169,9 +169,12 @@ class PrefixCache:
     def close(self) -> None:
         """Keep what can be kept, then let go of the store: the live path is paged out and,
         with a disk tier, every snapshot in RAM moves there (as its budget allows, oldest
-        first, so the newest are kept) before the store writes down the trie."""
+        first, so the newest are kept) before the store writes down the trie. A request still
+        open is dropped with the live state: what it evaluated is not known."""
         if self._session is not None:
-            self._session.close(self._session.outputs)
+            self._session.closed = True
+            self._session = None
+            self.fall_back_to_root()
         self._switch([self.root])
         if self.store is None:
             return

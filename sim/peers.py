@@ -32,6 +32,7 @@ from kvtrie.core.trie import (
     walk,
 )
 
+from .build import DiskTier
 from .ideal import IdealPrefixes
 
 __all__ = [
@@ -86,6 +87,7 @@ class Peer:
         self.costs = costs
         self.bytes = 0
         self.peak_bytes = 0
+        self.disk_peak_bytes = 0  # kvtrie's own with a disk tier: the most it held there
 
     def fits(self, nbytes: int) -> bool:
         return self.budget is None or nbytes <= self.budget
@@ -429,6 +431,7 @@ class KvtriePeer(Peer):
         budget: int | None,
         profile: ModelProfile,
         marks: Sequence[tuple[int, ...]] | None = None,
+        disk: DiskTier | None = None,
     ) -> None:
         super().__init__(budget, costs_of(profile))
         from kvtrie.backends.fake import FakeBackend
@@ -438,7 +441,7 @@ class KvtriePeer(Peer):
 
         self.name = policy
         backend = FakeBackend(profile)
-        self.cache = make_cache(backend, budget, make_policy(policy))
+        self.cache = make_cache(backend, budget, make_policy(policy), disk)
         self.runner = RequestRunner(backend, self.cache, CheckMode(every=0))
         self.marks = marks
         self.index = 0
@@ -450,6 +453,7 @@ class KvtriePeer(Peer):
         result = self.runner.run(prompt, np.append(evaluated[len(prompt) :], 0), marks)
         self.bytes = self.cache.paged_out_bytes
         self.peak_bytes = self.cache.ledger.peak
+        self.disk_peak_bytes = self.cache.ledger.disk_peak
         return result.account.cached_tokens
 
 
@@ -463,13 +467,15 @@ def make_peer(
     workload: Workload,
     profile: ModelProfile | None = None,
     marks: Sequence[tuple[int, ...]] | None = None,
+    disk: DiskTier | None = None,
 ) -> Peer:
     """The named peer; kvtrie's own policies need the model ``profile`` (and take each
-    request's user restore points as ``marks``), mlx-lm's real class needs mlx-lm."""
+    request's user restore points as ``marks``, and a simulated ``disk`` tier), mlx-lm's real
+    class needs mlx-lm."""
     if name in KVTRIE_PEERS:
         if profile is None:
             raise ValueError(f"{name} runs on a model profile; none was given")
-        return KvtriePeer(name, budget, profile, marks)
+        return KvtriePeer(name, budget, profile, marks, disk)
     if name == "mlx-lm-real":
         try:
             from .mlxlm import LRUPromptCachePeer

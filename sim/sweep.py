@@ -18,6 +18,7 @@ from kvtrie.backends.fake import FakeBackend
 from kvtrie.backends.profiles import ModelProfile
 from kvtrie.core.render import format_bytes
 
+from .build import DiskTier
 from .executors import Executor, LocalExecutor
 from .outputs import write_atomic
 from .peers import KVTRIE_PEERS, PeerUnavailable, Workload, costs_of, make_peer
@@ -51,6 +52,10 @@ class SweepRow:
     peak_bytes: int
     wall_seconds: float
     note: str = ""
+    # a kvtrie policy with a disk tier (--disk-budgets): its budget (None: inf) and peak
+    disk_tier: bool = False
+    disk_budget_bytes: int | None = None
+    disk_peak_bytes: int = 0
 
 
 def materialize(trace: Trace, profile: ModelProfile) -> Workload:
@@ -81,18 +86,29 @@ class SweepInput:
     marks: list[tuple[int, ...]]
 
 
-def _cell(shared: SweepInput, cell: tuple[str, int | None]) -> tuple[SweepRow, list]:
-    """One (policy, budget) cell: every request through one peer, kvtrie's own included."""
-    policy, budget = cell
+Cell = tuple[str, int | None, DiskTier | None]
+
+
+def _cell(shared: SweepInput, cell: Cell) -> tuple[SweepRow, list]:
+    """One (policy, budget, disk tier) cell: every request through one peer, kvtrie's own
+    included."""
+    policy, budget, disk = cell
     profile, workload = shared.profile, shared.workload
     started = time.perf_counter()
     prompt_tokens = sum(len(p) for p, _ in workload)
+    tier = {"disk_tier": disk is not None, "disk_budget_bytes": disk and disk.budget}
     try:
         peer = make_peer(
-            policy, budget, costs_of(profile), workload, profile=profile, marks=shared.marks
+            policy,
+            budget,
+            costs_of(profile),
+            workload,
+            profile=profile,
+            marks=shared.marks,
+            disk=disk,
         )
     except PeerUnavailable as why:
-        return SweepRow(policy, budget, 0.0, 0, prompt_tokens, 0, 0.0, str(why)), []
+        return SweepRow(policy, budget, 0.0, 0, prompt_tokens, 0, 0.0, str(why), **tier), []
     every = max(1, len(workload) // TIMELINE_POINTS)
     timeline = []
     cached = 0
@@ -108,6 +124,8 @@ def _cell(shared: SweepInput, cell: tuple[str, int | None]) -> tuple[SweepRow, l
         prompt_tokens - cached,
         peer.peak_bytes,
         time.perf_counter() - started,
+        **tier,
+        disk_peak_bytes=peer.disk_peak_bytes,
     )
     return row, timeline
 
@@ -120,17 +138,28 @@ def run_sweep(
     executor: Executor | None = None,
     progress: bool | None = None,
     marks: list[tuple[int, ...]] | None = None,
+    disk_budgets: list[int | None] | None = None,
 ) -> tuple[list[SweepRow], dict[str, list]]:
     """Every (policy, budget) cell, on ``executor`` (default: every core of this machine);
     rows in policy then budget order, the same whichever executor ran them. ``marks`` are each
-    request's user restore points (only kvtrie's policies use them)."""
+    request's user restore points (only kvtrie's policies use them). ``disk_budgets`` adds,
+    for kvtrie's policies, a cell for each RAM budget with each disk tier."""
     from tqdm import tqdm
 
     unknown = [p for p in policies if p not in ALL_POLICIES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; choose from {', '.join(ALL_POLICIES)}")
     # ideal and none do not depend on the budget: one cell each
-    cells = [(p, b) for p in policies for b in (budgets if p not in BUDGET_FREE else [None])]
+    cells: list[Cell] = [
+        (p, b, None) for p in policies for b in (budgets if p not in BUDGET_FREE else [None])
+    ]
+    cells += [
+        (p, b, DiskTier(d))
+        for p in policies
+        if p in KVTRIE_PEERS
+        for b in budgets
+        for d in disk_budgets or []
+    ]
     shared = SweepInput(profile, workload, marks or [()] * len(workload))
     # the longest cells first, so the workers are not left waiting on one at the end
     cells.sort(key=lambda c: (c[0] not in ("belady", "vllm-blocks", *KVTRIE_PEERS),))
@@ -143,15 +172,24 @@ def run_sweep(
     )
     for row, timeline in (executor or LocalExecutor()).map_unordered(_cell, shared, cells):
         rows.append(row)
-        if timeline:
+        if timeline and not row.disk_tier:
             timelines[f"{row.policy}@{_budget_label(row.budget_bytes)}"] = timeline
         bar.update(1)
     bar.close()
     order = {p: i for i, p in enumerate(policies)}
     rows.sort(
-        key=lambda r: (order[r.policy], float("inf") if r.budget_bytes is None else r.budget_bytes)
+        key=lambda r: (
+            order[r.policy],
+            r.disk_tier,
+            _size_key(r.disk_budget_bytes),
+            _size_key(r.budget_bytes),
+        )
     )
     return rows, timelines
+
+
+def _size_key(size: int | None) -> float:
+    return float("inf") if size is None else size
 
 
 def _budget_label(budget: int | None) -> str:
@@ -159,11 +197,44 @@ def _budget_label(budget: int | None) -> str:
 
 
 def _row_for(rows: list[SweepRow], policy: str, budget: int | None) -> SweepRow | None:
-    """The measured row of a policy at a budget (budget-free policies have one row)."""
+    """The measured row of a policy at a budget, RAM only (budget-free policies have one
+    row)."""
     for row in rows:
+        if row.disk_tier:
+            continue
         if row.policy == policy and (row.budget_bytes == budget or policy in BUDGET_FREE):
             return None if row.note else row
     return None
+
+
+def _disk_grid(
+    rows: list[SweepRow], policy: str, budgets: list[int | None]
+) -> tuple[list[int | None], list[list[float]]]:
+    """A kvtrie policy's hit ratios by disk budget (rows) and RAM budget (columns)."""
+    disks = list(dict.fromkeys(r.disk_budget_bytes for r in rows if r.disk_tier))
+    grid = []
+    for disk in disks:
+        by_ram = {
+            r.budget_bytes: r.hit_ratio
+            for r in rows
+            if r.policy == policy and r.disk_tier and r.disk_budget_bytes == disk
+        }
+        grid.append([by_ram[b] for b in budgets])
+    return disks, grid
+
+
+def _disk_markdown(rows: list[SweepRow], budgets: list[int | None]) -> str:
+    out = []
+    for policy in dict.fromkeys(r.policy for r in rows if r.disk_tier):
+        disks, grid = _disk_grid(rows, policy, budgets)
+        head = "| disk \\ RAM | " + " | ".join(_budget_label(b) for b in budgets) + " |"
+        lines = [head, "|---" * (len(budgets) + 1) + "|"]
+        for disk, ratios in zip(disks, grid):
+            lines.append(
+                f"| {_budget_label(disk)} | " + " | ".join(f"{r:.4f}" for r in ratios) + " |"
+            )
+        out.append(f"\n{policy}: hit ratio with a disk tier\n\n" + "\n".join(lines) + "\n")
+    return "".join(out)
 
 
 def _markdown(rows: list[SweepRow], budgets: list[int | None]) -> str:
@@ -176,7 +247,7 @@ def _markdown(rows: list[SweepRow], budgets: list[int | None]) -> str:
             row = _row_for(rows, policy, budget)
             cells.append(f"{row.hit_ratio:.4f}" if row else "-")
         lines.append(f"| {policy} | " + " | ".join(cells) + " |")
-    return "hit ratio by budget\n\n" + "\n".join(lines) + "\n"
+    return "hit ratio by budget\n\n" + "\n".join(lines) + "\n" + _disk_markdown(rows, budgets)
 
 
 def _plots(
@@ -242,6 +313,11 @@ def _plots(
     plt.close(fig)
     written.append("computed_tokens.png")
 
+    for policy in dict.fromkeys(r.policy for r in rows if r.disk_tier):
+        name = f"disk_{policy}.png"
+        _heat_map(out / name, rows, budgets, policy, title)
+        written.append(name)
+
     seed = {k: v for k, v in timelines.items() if k.startswith("kvtrie-seed@")}
     if seed:
         fig, ax = plt.subplots(figsize=(9, 5.5))
@@ -259,6 +335,31 @@ def _plots(
         plt.close(fig)
         written.append("paged_out.png")
     return written
+
+
+def _heat_map(
+    path: Path, rows: list[SweepRow], budgets: list[int | None], policy: str, title: str
+) -> None:
+    """The hit ratio over RAM budget x disk budget, each cell labelled with its value."""
+    import matplotlib.pyplot as plt
+
+    disks, grid = _disk_grid(rows, policy, budgets)
+    fig, ax = plt.subplots(figsize=(1.3 * len(budgets) + 3, 0.7 * len(disks) + 2.5))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=0)
+    light = 0.6 * max(max(ratios) for ratios in grid)  # viridis is light above this: dark text
+    for i, ratios in enumerate(grid):
+        for j, ratio in enumerate(ratios):
+            color = "black" if ratio > light else "white"
+            ax.text(j, i, f"{ratio:.3f}", ha="center", va="center", color=color, fontsize=8)
+    ax.set_xticks(range(len(budgets)), [_budget_label(b) for b in budgets])
+    ax.set_yticks(range(len(disks)), [_budget_label(d) for d in disks])
+    ax.set_xlabel("RAM budget")
+    ax.set_ylabel("disk budget")
+    ax.set_title(f"{policy} hit ratio, RAM x disk: {title}")
+    fig.colorbar(image, ax=ax, label="hit ratio")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -283,6 +384,7 @@ SWEEP_FILES = (
     "hit_ratio.png",
     "computed_tokens.png",
     "paged_out.png",
+    *(f"disk_{policy}.png" for policy in KVTRIE_PEERS),
 )
 
 

@@ -148,3 +148,30 @@ def test_disk_events_need_a_disk_tier(tmp_path, capsys):
     assert main(["replay", str(trace), "-q", "--disk-budget", "1MiB"]) == 0
     assert main(["replay", str(trace), "-q", "--disk-budget", "lots"]) == 2
     assert "--disk-budget: bad size 'lots'" in capsys.readouterr().err
+
+
+def test_a_sweep_with_disk_budgets_draws_ram_by_disk(tmp_path):
+    def sweep(out, *extra):
+        argv = ["sweep", "agent", "-q", "--processes", "1", "--out", str(tmp_path / out)]
+        argv += ["--policies", "kvtrie-improved,ideal", "--budgets", "256MiB,1GiB", *extra]
+        assert main(argv) == 0
+        return json.loads((tmp_path / out / "sweep.json").read_text())["rows"]
+
+    plain = sweep("plain")
+    tiered = sweep("tiered", "--disk-budgets", "1GiB,inf")
+    assert [r for r in tiered if not r["disk_tier"]] == [
+        {**r, "wall_seconds": t["wall_seconds"]}
+        for r, t in zip(plain, [r for r in tiered if not r["disk_tier"]])
+    ]  # the RAM-only cells are the same with or without the disk axis
+    disk = {(r["budget_bytes"], r["disk_budget_bytes"]): r for r in tiered if r["disk_tier"]}
+    assert len(disk) == 4
+    ram = {r["budget_bytes"]: r for r in plain if r["policy"] == "kvtrie-improved"}
+    for (budget, disk_budget), row in disk.items():
+        assert row["hit_ratio"] >= ram[budget]["hit_ratio"]
+        assert disk_budget is None or row["disk_peak_bytes"] <= disk_budget
+    assert (tmp_path / "tiered" / "disk_kvtrie-improved.png").stat().st_size > 0
+    assert (
+        "kvtrie-improved: hit ratio with a disk tier"
+        in (tmp_path / "tiered" / "sweep.md").read_text()
+    )
+    assert not (tmp_path / "plain" / "disk_kvtrie-improved.png").exists()

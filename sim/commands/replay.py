@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvtrie.core.policy import STRATEGIES
-from kvtrie.core.prefix_cache import DEFAULT_BUDGET_BYTES, POLICIES
+from kvtrie.core.prefix_cache import DEFAULT_BUDGET_BYTES, POLICIES, PrefixCache
 from kvtrie.core.store import StoreError
-from kvtrie.sim.traces import Trace
 
 from ..build import (
     DiskTier,
@@ -30,6 +30,10 @@ from . import (
     read_options,
     trace_options,
 )
+
+if TYPE_CHECKING:  # imported when a replay runs, not when the CLI starts
+    from ..replay import ReplayOutcome
+    from ..traces import Trace
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -181,6 +185,18 @@ def disk_tier(args: argparse.Namespace, path: Path, header: dict) -> DiskTier | 
     return DiskTier(budget)
 
 
+def _close_store(cache: PrefixCache, outcome: ReplayOutcome | None) -> None:
+    """A directory store keeps the trie for the next run, but not from a run that found a
+    violation or failed: its states are not to be trusted, so the store's earlier manifest
+    stands (what this run wrote is deleted as orphaned when the store is next opened)."""
+    if cache.store is None:
+        return
+    if outcome is not None and not outcome.violations:
+        cache.close()
+    else:
+        cache.store.close()
+
+
 def _check_disk_events(trace: Trace, disk: DiskTier | None) -> None:
     """Disk-tier events need a disk tier: found before the replay starts, not in it."""
     if disk is not None:
@@ -232,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         progress = False if args.quiet else None
         clock = None if cost is None else ServerClock(cost, args.time_scale)
+        outcome = None
         try:
             outcome = replay(
                 trace, backend, cache, mode, args.limit, args.keep_going, progress, clock
@@ -240,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
                 trace, outcome, cache, backend_name, model, args.check, backend.oracle()
             )
         finally:
-            cache.close()  # a directory store keeps the trie for the next run
+            _close_store(cache, outcome)
     if not args.quiet:
         print(text_summary(report))
     if outcome.violations:

@@ -37,6 +37,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="1GiB,2GiB,4GiB,8GiB,16GiB,32GiB,inf",
         help="comma-separated budgets (default 1GiB,...,32GiB,inf)",
     )
+    sweep.add_argument(
+        "--disk-budgets",
+        default=None,
+        metavar="SIZES",
+        help="also run kvtrie's policies with a disk tier of each of these sizes (e.g. "
+        "256GiB,1TiB,4TiB,inf) at every RAM budget: a simulated disk, bytes counted; the hit "
+        "ratios go in a RAM x disk table and a heat map per policy (disk_POLICY.png)",
+    )
     sweep.add_argument("--policies", default="all", help="'all' or a comma-separated list")
     sweep.add_argument("--model", default="llama-8b", help="fake model profile (default llama-8b)")
     sweep.add_argument(
@@ -65,6 +73,13 @@ def run(args: argparse.Namespace) -> int:
         budgets = [parse_size(b, "--budgets") for b in args.budgets.split(",") if b.strip()]
         if not budgets:
             raise UsageError("--budgets: give at least one budget, e.g. 1GiB,8GiB,inf")
+        disk_budgets = None
+        if args.disk_budgets is not None:
+            disk_budgets = [
+                parse_size(b, "--disk-budgets") for b in args.disk_budgets.split(",") if b.strip()
+            ]
+            if not disk_budgets:
+                raise UsageError("--disk-budgets: give at least one size, e.g. 1TiB,inf")
         policies = list(ALL_POLICIES) if args.policies == "all" else args.policies.split(",")
         unknown = [p for p in policies if p not in ALL_POLICIES]
         if unknown:
@@ -95,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             executor,
             progress=False if args.quiet else None,
             marks=marks,
+            disk_budgets=disk_budgets,
         )
     meta = {
         "trace": trace.path,
