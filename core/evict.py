@@ -113,6 +113,11 @@ class EvictionIndex:
         self._heap = []
         self._queued = {}
 
+    def rebuild_if_enabled(self) -> None:
+        """After the trie was replaced wholesale (a restart): index it afresh."""
+        if self.enabled:
+            self.rebuild()
+
     def rebuild(self) -> None:
         """Index the trie afresh, dropping every stale entry."""
         assert self._root is not None

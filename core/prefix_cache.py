@@ -82,6 +82,8 @@ class CacheStats:
     disk_read_bytes: int = 0
     disk_hit_tokens: int = 0  # tokens whose state a request got from the disk tier
     disk_read_failures: int = 0  # stored snapshots that failed verification: a miss
+    restarts: int = 0
+    adopted_nodes: int = 0  # nodes a (re)opened store's trie gave snapshots, over every open
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,8 @@ class PrefixCache:
         self.stats = CacheStats()
         self.root = Node(tokens=as_tokens([]), end=0, last_used=self.clock())
         self.active_path: list[Node] = [self.root]
-        self.adopted_nodes = self._adopt(store.saved()) if store is not None else 0
+        if store is not None:
+            self.stats.adopted_nodes += self._adopt(store.saved())
         self.evictor = Evictor(self)
         self.evictor.budget_changed()
         self._session: Session | None = None
@@ -185,6 +188,36 @@ class PrefixCache:
             if node.parent is not None and node.has_snapshots() and not node.on_disk:
                 self.evictor.move_to_disk(node, {id(self.root)})
         self.store.close(self)
+
+    def restart(self, clean: bool = True) -> None:
+        """What stopping this process and starting a new one on the same store does: keep
+        what :meth:`close` keeps (``clean``; a crash keeps only what is in the disk tier
+        already), lose the rest (the live state, RAM's snapshots), and adopt the trie the
+        reopened store verifies. The counters go on."""
+        assert self.store is not None, "a restart needs a store to come back to"
+        if clean:
+            self.close()
+        else:
+            self.store.close(self)
+        for node in list(self.nodes()):
+            if node.is_root:
+                continue
+            kept = node.take_snapshots(self.ledger) or []  # a stored one stays in its store
+            _close([s for s in kept if s is not None and not is_stored(s)])
+            node.parent = None
+            node.children = {}
+            self.ledger.touch(node)
+        self.root.children = {}
+        self.active_path = [self.root]
+        for layer in self.layers:
+            layer.free()
+        self.store.reopen()
+        self.stats.restarts += 1
+        self.stats.adopted_nodes += self._adopt(self.store.saved())
+        self.evictor.budget_changed()
+        self.evictor.index.rebuild_if_enabled()
+        self.evictor.disk_index.rebuild_if_enabled()
+        self.evictor.enforce()
 
     def set_budget(self, budget_bytes: int | None) -> None:
         """Change the budget (None: unbounded) and evict down to it at once."""

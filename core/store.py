@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from .protocols import Snapshot
-from .tiers import SavedNode, StoredSnapshot
+from .tiers import SavedNode, StoredSnapshot, saved_trie
 
 if TYPE_CHECKING:
     from .prefix_cache import PrefixCache
@@ -235,6 +235,13 @@ class DirectoryStore:
         self.failing_writes = 0
         self.written_bytes = 0
         self.write_errors = 0  # background writes that failed (the bytes stay readable in RAM)
+        self.background = background
+        self._failure: BaseException | None = None
+        self.reopen()
+
+    def reopen(self) -> None:
+        """Open the directory: lock it, adopt what verifies, start the writer (at construction,
+        and again after :meth:`close`, as a new process would)."""
         self._files: dict[str, StoredFile] = {}
         self._next_id = 0
         self._lock_handle = self._open_directory()
@@ -242,8 +249,7 @@ class DirectoryStore:
         self._saved: list[SavedNode] = self._adopt()
         self._queue: queue.Queue[StoredFile | None] | None = None
         self._writer: threading.Thread | None = None
-        self._failure: BaseException | None = None
-        if background:
+        if self.background:
             self._queue = queue.Queue()
             self._writer = threading.Thread(
                 target=self._write_loop, name="kvtrie-store", daemon=True
@@ -496,35 +502,30 @@ class DirectoryStore:
         """Write the manifest: the cache's nodes in this store and their ancestors, with the
         files already written (a file still queued is left out: after a crash it is an
         orphan, deleted on open)."""
-        from .trie import walk
-
-        listed = {id(n): self._listed(n) for n in walk(cache.root)}
-        keep = {id(a) for n in walk(cache.root) if listed[id(n)] is not None for a in n.path()}
-        index: dict[int, int] = {}
-        nodes: list[dict[str, Any]] = []
         files: dict[str, dict[str, Any]] = {}
-        for node in walk(cache.root):
-            if node.is_root or id(node) not in keep:
-                continue
-            mine = listed[id(node)]
-            for snap in mine or []:
-                if snap is not None:
-                    files[snap.name] = {
-                        "layer": snap.layer,
-                        "start": snap.start,
-                        "end": snap.end,
-                        "nbytes": snap.nbytes,
-                        "sha256": snap.sha256,
-                    }
-            assert node.parent is not None
-            index[id(node)] = len(nodes)
+        nodes = []
+        for saved in saved_trie(cache, self._listable):
+            names = None
+            if saved.snapshots is not None:
+                names = []
+                for snap in saved.snapshots:
+                    assert snap is None or isinstance(snap, StoredFile)
+                    names.append(None if snap is None else snap.name)
+                    if snap is not None:
+                        files[snap.name] = {
+                            "layer": snap.layer,
+                            "start": snap.start,
+                            "end": snap.end,
+                            "nbytes": snap.nbytes,
+                            "sha256": snap.sha256,
+                        }
             nodes.append(
                 {
-                    "parent": index.get(id(node.parent), -1),
-                    "tokens": node.tokens.tolist(),
-                    "last_used": node.last_used,
-                    "user": node.user,
-                    "files": None if mine is None else [s and s.name for s in mine],
+                    "parent": saved.parent,
+                    "tokens": saved.tokens.tolist(),
+                    "last_used": saved.last_used,
+                    "user": saved.user,
+                    "files": names,
                 }
             )
         body = {
@@ -544,16 +545,7 @@ class DirectoryStore:
             self.save(cache)
             self._saved_at = self.clock()
 
-    def _listed(self, node: Any) -> list[StoredFile | None] | None:
-        """``node``'s files when the manifest may list every one of them, else None."""
-        snapshots = node.snapshots
-        if not node.on_disk or snapshots is None:
-            return None
-        if not all(s is None or self._listable(s) for s in snapshots):
-            return None
-        return snapshots
-
-    def _listable(self, snapshot: Snapshot) -> bool:
+    def _listable(self, snapshot: StoredSnapshot) -> bool:
         """Whether the manifest may list ``snapshot``: its file is written (listing one still
         queued would promise a file a crash may never leave)."""
         return isinstance(snapshot, StoredFile) and snapshot.written

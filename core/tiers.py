@@ -13,7 +13,7 @@ snapshots taken out before a layer cuts or joins them and stored again after.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -24,6 +24,7 @@ from .protocols import LayerCache, LayerKind, Snapshot
 
 if TYPE_CHECKING:
     from .prefix_cache import PrefixCache
+    from .trie import Node
 
 __all__ = [
     "SavedNode",
@@ -32,6 +33,7 @@ __all__ = [
     "StoredSnapshot",
     "TieredLayers",
     "is_stored",
+    "saved_trie",
 ]
 
 
@@ -99,6 +101,44 @@ class SavedNode:
     snapshots: list[StoredSnapshot | None] | None
 
 
+def saved_trie(
+    cache: PrefixCache, keep: Callable[[StoredSnapshot], bool] = lambda snapshot: True
+) -> list[SavedNode]:
+    """What a store keeps of ``cache``'s trie across a restart: every node whose snapshots are
+    all in the disk tier and ``keep`` (a file store keeps only those written), with the nodes
+    above it, parents first, in the form :meth:`~kvtrie.core.prefix_cache.PrefixCache`
+    adopts."""
+    from .trie import walk
+
+    def kept(node: Node) -> list[StoredSnapshot | None] | None:
+        snapshots = node.snapshots
+        if not node.on_disk or snapshots is None:
+            return None
+        if not all(s is None or (isinstance(s, StoredSnapshot) and keep(s)) for s in snapshots):
+            return None
+        return [s if isinstance(s, StoredSnapshot) else None for s in snapshots]
+
+    listed = {id(n): kept(n) for n in walk(cache.root)}
+    wanted = {id(a) for n in walk(cache.root) if listed[id(n)] is not None for a in n.path()}
+    index: dict[int, int] = {}
+    saved = []
+    for node in walk(cache.root):
+        if node.is_root or id(node) not in wanted:
+            continue
+        assert node.parent is not None
+        index[id(node)] = len(saved)
+        saved.append(
+            SavedNode(
+                tokens=node.tokens,
+                parent=index.get(id(node.parent), -1),
+                last_used=node.last_used,
+                user=node.user,
+                snapshots=listed[id(node)],
+            )
+        )
+    return saved
+
+
 class SnapshotStore(Protocol):
     """Where the disk tier keeps snapshots."""
 
@@ -120,6 +160,10 @@ class SnapshotStore(Protocol):
 
     def close(self, cache: PrefixCache | None = None) -> None:
         """Finish writing, keep ``cache``'s trie shape (when given) and let go of the store."""
+        ...
+
+    def reopen(self) -> None:
+        """Open the store again after :meth:`close`, as a new process would."""
         ...
 
 
@@ -162,6 +206,7 @@ class SimulatedDisk:
 
     def __init__(self) -> None:
         self.failing_writes = 0
+        self._kept: list[SavedNode] = []  # what a restart finds: the trie close() kept
 
     def fail_next_writes(self, count: int) -> None:
         """Make the next ``count`` writes fail, as a full disk would (fault injection)."""
@@ -175,12 +220,17 @@ class SimulatedDisk:
         return _HeldSnapshot(snapshot)
 
     def saved(self) -> list[SavedNode]:
-        return []  # nothing outlives the process
+        kept, self._kept = self._kept, []
+        return kept
 
     def after_request(self, cache: PrefixCache) -> None:
         pass
 
     def close(self, cache: PrefixCache | None = None) -> None:
+        """Keep ``cache``'s disk tier for a restart in this process (nothing outlives it)."""
+        self._kept = saved_trie(cache) if cache is not None else []
+
+    def reopen(self) -> None:
         pass
 
 

@@ -183,6 +183,61 @@ def _warm_and_pagein(model: str, n: int, tail: int, repeats: int) -> dict[str, f
     }
 
 
+def disk_pagein(model: str, n: int, repeats: int) -> dict[str, float]:
+    """A page-in of an ``n``-token prefix from the disk tier (a directory store; the files
+    are in the OS page cache, as on a machine with RAM to spare) against its recompute."""
+    import tempfile
+
+    import mlx.core as mx
+
+    from kvtrie.backends.mlx import MLXBackend
+    from kvtrie.backends.mlx.adapters import arrays_of
+    from kvtrie.core.store import DirectoryStore
+
+    backend = MLXBackend.from_name(model)
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(0, backend.vocab_size, n).astype(np.int32)
+    other = rng.integers(0, backend.vocab_size, 8).astype(np.int32)
+
+    def cold() -> None:
+        layers = backend.new_layers()
+        backend.evaluate(layers, prompt)
+
+    with tempfile.TemporaryDirectory(prefix="kvtrie-bench-") as folder:
+        store = DirectoryStore(folder, backend.snapshot_codec(), background=False)
+        # RAM budget 0: every page-out is written to the store, every page-in read from it
+        cache = PrefixCache(
+            backend.new_layers(), 0, POLICIES["kvtrie-seed"], store=store, disk_budget_bytes=None
+        )
+        run = lambda tokens: backend.evaluate(cache.layers, tokens)  # noqa: E731
+        for tokens in (prompt, other):  # the second pages the first out, to disk
+            session = cache.begin(tokens)
+            session.prefill(run)
+            session.close()
+
+        def page_in() -> None:
+            cache.begin(np.concatenate([prompt, other[:1]])).close()
+            mx.eval(*[a for layer in cache.layers for a in arrays_of(layer.cache)])
+
+        def leave() -> None:
+            cache.begin(other[:4]).close()
+
+        cold()  # compile and allocate once before timing
+        t_cold = median_seconds(cold, repeats)
+        times = []
+        for _ in range(repeats):
+            leave()
+            times.append(median_seconds(page_in, 1))
+        disk_bytes = cache.disk_bytes
+        store.close()
+    t_disk = statistics.median(times)
+    return {
+        "disk_pagein_seconds": t_disk,
+        "disk_pagein_bytes": disk_bytes,
+        "disk_pagein_vs_recompute": t_cold / t_disk,
+    }
+
+
 def _zero_hit_overhead(
     model: str, requests: int, prompt_tokens: int, outputs: int, repeats: int
 ) -> dict[str, float]:
@@ -377,6 +432,7 @@ def bench_mlx(quick: bool = False) -> dict[str, Any]:
     )
     comparisons = [row for m in (attention, hybrid) for row in _computed_vs_mlxlm(m)]
     hit = _hit_latency("tiny-attention", 512 if quick else 2048, 5 if quick else 15)
+    disk = disk_pagein(attention, n, repeats)
     return {
         "benchmark": "mlx",
         "quick": quick,
@@ -387,6 +443,7 @@ def bench_mlx(quick: bool = False) -> dict[str, Any]:
         **warm,
         **overhead,
         **hit,
+        **disk,
         "computed_tokens": comparisons,
         "targets": {
             "warm_cold_ratio": 0.8 * n / tail,

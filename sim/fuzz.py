@@ -3,7 +3,8 @@
 The machine serves conversations that share prefixes on purpose (a Bundle of everything
 evaluated so far), branches from earlier turns, marks user restore points, moves the budget
 down to zero, and injects restore failures and corrupt snapshots; half its caches have a disk
-tier, whose budget it moves too and whose writes it makes fail. After every step it checks
+tier, whose budget it moves too, whose writes it makes fail, and which it restarts from
+(the live state and RAM lost, the disk tier adopted). After every step it checks
 every structural invariant, the oracle (the live state equals a fresh prefill), that no
 snapshot leaked or was closed twice, and that no restore failed without an injected fault.
 A failure is shrunk by Hypothesis and written as a kvtrie trace that ``kvtrie replay``
@@ -276,6 +277,14 @@ def _machine(
         @rule(count=st.integers(1, 3))
         def fail_next_writes(self, count):
             self._apply(Event("fail_writes", 0, count=count))
+
+        @precondition(lambda self: self.disk)
+        @rule(clean=st.booleans())
+        def restart(self, clean):
+            """The process stops (cleanly, or crashing with RAM lost) and a new one opens
+            the disk tier: what it adopts must restore exactly (the oracle), what it lost is
+            recomputed."""
+            self._apply(Event("restart", 0, clean=clean))
 
         @precondition(lambda self: any(n.has_snapshots() for n in walk(self.cache.root)))
         @rule(data=st.data())

@@ -111,6 +111,9 @@ class RequestRunner:
         elif event.kind == "fail_writes":
             self.pristine = False
             self.cache.store.fail_next_writes(event.count)
+        elif event.kind == "restart":
+            self.pristine = False
+            self.cache.restart(event.clean)
         else:
             self.pristine = False
             for node in self.cache.nodes():

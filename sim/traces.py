@@ -77,14 +77,16 @@ class TraceError(ValueError):
         self.line = line
 
 
-EVENT_KINDS = ("budget", "disk_budget", "fail_restores", "fail_writes", "corrupt")
+EVENT_KINDS = ("budget", "disk_budget", "fail_restores", "fail_writes", "corrupt", "restart")
+DISK_EVENTS = ("disk_budget", "fail_writes", "restart")  # they need a disk tier
 
 
 @dataclass(frozen=True)
 class Event:
     """Something done to the cache between requests: a change of the RAM or the disk tier's
-    budget, or an injected fault (failing restores, failing disk-tier writes, a snapshot
-    damaged in place, in RAM or on disk)."""
+    budget, an injected fault (failing restores, failing disk-tier writes, a snapshot
+    damaged in place, in RAM or on disk), or a restart (the process stops and a new one
+    opens the same disk tier)."""
 
     kind: str
     line: int
@@ -93,12 +95,15 @@ class Event:
     start: int = 0
     end: int = 0
     layer: int | None = None  # corrupt: only this layer's snapshot (None: every layer's)
+    clean: bool = True  # restart: a clean stop (RAM kept on disk), or a crash (RAM lost)
 
     def as_line(self) -> dict[str, Any]:
         if self.kind in ("budget", "disk_budget"):
             return {"event": self.kind, "budget_bytes": self.budget_bytes}
         if self.kind in ("fail_restores", "fail_writes"):
             return {"event": self.kind, "count": self.count}
+        if self.kind == "restart":
+            return {"event": "restart", "clean": self.clean}
         line: dict[str, Any] = {"event": "corrupt", "start": self.start, "end": self.end}
         if self.layer is not None:
             line["layer"] = self.layer
@@ -387,6 +392,11 @@ def _parse_event(path: Path, number: int, obj: dict[str, Any]) -> Event:
         return Event(kind, number, budget_bytes=budget)
     if kind in ("fail_restores", "fail_writes"):
         return Event(kind, number, count=check_int(obj.get("count"), "count", path, number, 1))
+    if kind == "restart":
+        clean = obj.get("clean", True)
+        if not isinstance(clean, bool):
+            raise fail(path, number, f"clean: expected true or false, got {short(clean)}")
+        return Event(kind, number, clean=clean)
     start = check_int(obj.get("start"), "start", path, number)
     end = check_int(obj.get("end"), "end", path, number, minimum=start + 1)
     layer = obj.get("layer")

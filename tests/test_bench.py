@@ -27,6 +27,7 @@ def test_bench_mlx_quick_writes_the_four_figures(tmp_path):
     assert code == (0 if all(results["targets_met"].values()) else 1)
     for key in ("warm_cold_ratio", "pagein_vs_recompute", "overhead_zero_hit"):
         assert results[key] > 0
+    assert results["disk_pagein_vs_recompute"] > 0 and results["disk_pagein_bytes"] > 0
     rows = results["computed_tokens"]
     assert {row["model"] for row in rows} == {"tiny-attention", "tiny-hybrid"}
     for row in rows:

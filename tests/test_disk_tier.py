@@ -175,3 +175,27 @@ def test_a_sweep_with_disk_budgets_draws_ram_by_disk(tmp_path):
         in (tmp_path / "tiered" / "sweep.md").read_text()
     )
     assert not (tmp_path / "plain" / "disk_kvtrie-improved.png").exists()
+
+
+def test_a_restart_event_keeps_the_disk_tier_and_loses_ram(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    prompt = list(range(1, 40))
+    trace.write_text(
+        '{"format": "kvtrie-trace", "version": 1, "disk_budget_bytes": null}\n'
+        + json.dumps({"id": "a", "prompt": prompt, "output": [50, 51]})
+        + "\n"
+        + json.dumps({"id": "b", "prompt": [7, 8, 9], "output": [1]})
+        + '\n{"event": "restart", "clean": CLEAN}\n'
+        + json.dumps({"id": "c", "prompt": prompt + [50, 60], "output": [1]})
+        + "\n"
+    )
+    # 8 GiB: "a" is paged out to RAM, which a clean stop keeps on disk and a crash loses;
+    # 0: "a" goes straight to the disk tier, which both keep
+    text = trace.read_text()
+    for budget, clean, cached in (("8GiB", "true", 40), ("8GiB", "false", 0), ("0", "false", 40)):
+        trace.write_text(text.replace("CLEAN", clean))
+        report = tmp_path / "r.json"
+        assert main(["replay", str(trace), "-q", "--budget", budget, "--report", str(report)]) == 0
+        assert json.loads(report.read_text())["cached_tokens"] == cached, (budget, clean)
+    trace.write_text(trace.read_text().replace(', "disk_budget_bytes": null', ""))
+    assert main(["replay", str(trace), "-q"]) == 2

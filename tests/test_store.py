@@ -203,3 +203,13 @@ def test_replay_on_a_store_equals_the_simulated_disk_and_resumes(tmp_path):
     again = replay("--disk-dir", str(tmp_path / "store"))
     assert again["disk_tier"]["opened"]["adopted_nodes"] > 0
     assert again["violations"] == []
+
+
+def test_a_restart_in_process_reopens_the_store_and_adopts_it(rig, tmp_path):
+    r = rig("mixed", budget=2 * NODE, store=store_in(tmp_path))
+    for start in (100, 200, 300):
+        r.run(conversation(start), [1, 2])
+    r.cache.restart()  # the live path and RAM lost, the store closed and opened again
+    assert r.cache.stats.restarts == 1 and r.cache.store.report.adopted_nodes == 3
+    for start in (300, 100, 200):
+        assert r.run(conversation(start) + [1, 5, 6]).cached_tokens == 31

@@ -60,6 +60,11 @@ def _print_mlx_bench(results: dict) -> None:
         f"{results['hit_ttft_mlxlm_seconds'] * 1000:.1f} ms (ratio "
         f"{results['hit_ttft_ratio']:.2f})"
     )
+    print(
+        f"  page-in from the disk tier ({results['disk_pagein_bytes']:,} B in files): "
+        f"{results['disk_pagein_seconds'] * 1000:.1f} ms, "
+        f"{results['disk_pagein_vs_recompute']:.1f}x faster than recomputing"
+    )
     for row in results["computed_tokens"]:
         print(
             f"  {row['model']} budget "

@@ -113,7 +113,8 @@ def _fuzz_summary(result) -> str:
         f"{result.totals.merges} merges, {result.totals.evictions} evictions, "
         f"{result.totals.restore_failures} restore failures, "
         f"{result.totals.moves_to_disk} moves to disk, {result.totals.disk_page_ins} page-ins "
-        f"from disk, {result.totals.disk_evictions} disk evictions, {result.seconds:.1f} s"
+        f"from disk, {result.totals.disk_evictions} disk evictions, {result.totals.restarts} "
+        f"restarts adopting {result.totals.adopted_nodes} nodes, {result.seconds:.1f} s"
     )
 
 
@@ -190,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
             "disk_page_ins": result.totals.disk_page_ins,
             "disk_evictions": result.totals.disk_evictions,
             "disk_write_failures": result.totals.disk_write_failures,
+            "restarts": result.totals.restarts,
+            "adopted_nodes": result.totals.adopted_nodes,
         }
         report.update(
             examples=result.examples,

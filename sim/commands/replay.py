@@ -21,6 +21,7 @@ from ..build import (
     trace_inputs,
     trace_path,
 )
+from ..traces import DISK_EVENTS
 from . import (
     EXIT_OK,
     EXIT_VIOLATION,
@@ -203,7 +204,7 @@ def _check_disk_events(trace: Trace, disk: DiskTier | None) -> None:
         return
     events = [*(e for r in trace.requests for e in r.events), *trace.trailing_events]
     for event in events:
-        if event.kind in ("disk_budget", "fail_writes"):
+        if event.kind in DISK_EVENTS:
             raise UsageError(
                 f"{trace.path}:{event.line}: a {event.kind} event needs a disk tier: give "
                 "--disk-budget SIZE, or disk_budget_bytes in the trace's header"
