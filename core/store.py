@@ -100,11 +100,15 @@ def _write_atomically(path: Path, data: bytes) -> None:
     """``data`` at ``path`` or nothing there: a temporary file, fsync, rename, fsync the
     folder (so the rename itself survives a power cut)."""
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)  # a full disk: leave no half-written file behind
+        raise
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)
@@ -133,6 +137,7 @@ class StoredFile(StoredSnapshot):
         self.sha256 = sha256
         self.pending = pending  # the bytes while they wait for the writer
         self.written = pending is None
+        self.failed = False  # its write failed (a full disk): reading it is a miss
         self.closed = False
 
     @property
@@ -142,6 +147,9 @@ class StoredFile(StoredSnapshot):
     def _read(self) -> Snapshot | None:
         """The snapshot decoded from verified bytes, or None."""
         assert not self.closed, "reading a closed stored snapshot"
+        if self.failed:
+            log.warning("disk tier: %s was never written (its write failed)", self.path)
+            return None
         with self.store.lock:
             data = self.pending
         if data is None:
@@ -234,7 +242,7 @@ class DirectoryStore:
         self.lock = threading.Lock()  # guards the files' pending bytes and the writer's queue
         self.failing_writes = 0
         self.written_bytes = 0
-        self.write_errors = 0  # background writes that failed (the bytes stay readable in RAM)
+        self.write_errors = 0  # writes that failed (a full disk); the snapshots are lost
         self.background = background
         self._failure: BaseException | None = None
         self.reopen()
@@ -442,6 +450,7 @@ class DirectoryStore:
         self._files[name] = stored
         if self._queue is None:
             if not self._write(stored):
+                del self._files[name]
                 return None
         else:
             self._queue.put(stored)
@@ -456,7 +465,10 @@ class DirectoryStore:
             _write_atomically(stored.path, data)
         except OSError as exc:
             log.warning("disk tier: writing %s failed: %s", stored.path, exc)
-            self.write_errors += 1
+            with self.lock:  # its bytes are let go: RAM is not a second disk tier
+                stored.pending = None
+                stored.failed = True
+                self.write_errors += 1
             return False
         with self.lock:
             stored.pending = None
@@ -474,7 +486,7 @@ class DirectoryStore:
             try:
                 if stored is None:
                     return
-                self._write(stored)  # a failed write stays pending: read from RAM
+                self._write(stored)  # a failed one is a miss when read
             except BaseException as exc:  # noqa: BLE001 - kept for flush() to raise
                 self._failure = exc
             finally:

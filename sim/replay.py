@@ -18,7 +18,7 @@ from .runner import CheckMode, RequestRunner
 from .timing import ServerClock
 from .traces import Event, Trace, resolve_prompt
 
-__all__ = ["ReplayOutcome", "RequestViolation", "replay"]
+__all__ = ["ReplayOutcome", "RequestViolation", "replay", "skipped_history"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,25 @@ class ReplayOutcome:
     clock: ServerClock | None = None  # the time model's estimate of every request's seconds
 
 
+def skipped_history(trace: Trace, start: int, vocab_size: int) -> dict[str, np.ndarray]:
+    """The evaluated sequences of the first ``start`` requests that later ones continue, for
+    a replay that resumes at ``start``; a ValueError when one of them has generated outputs
+    (only serving it would say what they are)."""
+    history: dict[str, np.ndarray] = {}
+    for request in trace.requests[:start]:
+        if request.id not in trace.referenced:
+            continue
+        if isinstance(request.outputs, int):
+            raise ValueError(
+                f"{trace.path}:{request.line}: --start {start} skips request {request.id!r}, "
+                "which a later request continues, and its outputs are generated (a count): "
+                "start at or before it, or give its outputs as tokens"
+            )
+        prompt = resolve_prompt(request, history, vocab_size)
+        history[request.id] = np.concatenate([prompt, np.asarray(request.outputs, np.int32)])
+    return history
+
+
 def replay(
     trace: Trace,
     backend: Backend,
@@ -63,13 +82,16 @@ def replay(
     keep_going: bool = False,
     progress: bool | None = None,
     clock: ServerClock | None = None,
+    start: int = 0,
 ) -> ReplayOutcome:
-    """Serve every request of ``trace`` (the first ``limit``), applying its events, and check
-    as ``mode`` says. A violation stops the replay with a dump of the trie, unless
-    ``keep_going``. A ``clock`` estimates each request's seconds from what it reused."""
-    requests = trace.requests[:limit] if limit is not None else trace.requests
+    """Serve every request of ``trace`` from index ``start`` (``limit`` of them), applying
+    their events, and check as ``mode`` says. A violation stops the replay with a dump of the
+    trie, unless ``keep_going``. A ``clock`` estimates each request's seconds from what it
+    reused. ``start`` resumes a replay stopped there, on the disk tier it left."""
+    end = None if limit is None else start + limit
+    requests = trace.requests[start:end]
     runner = RequestRunner(backend, cache, mode)
-    history: dict[str, np.ndarray] = {}
+    history = skipped_history(trace, start, backend.vocab_size)
     outcome = ReplayOutcome(clock=clock)
     started = time.perf_counter()
 
@@ -132,7 +154,7 @@ def replay(
         if stop_at(request.id, request.line, result.violations):
             stopped = True
             break
-    if not stopped and len(requests) == len(trace.requests):
+    if not stopped and start + len(requests) == len(trace.requests):
         apply_events(trace.trailing_events)
     bar.close()
     outcome.stopped_early = stopped and outcome.requests < len(requests)

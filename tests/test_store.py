@@ -213,3 +213,62 @@ def test_a_restart_in_process_reopens_the_store_and_adopts_it(rig, tmp_path):
     assert r.cache.stats.restarts == 1 and r.cache.store.report.adopted_nodes == 3
     for start in (300, 100, 200):
         assert r.run(conversation(start) + [1, 5, 6]).cached_tokens == 31
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_full_disk_loses_snapshots_never_serves_them_and_keeps_no_bytes(
+    rig, tmp_path, monkeypatch, background
+):
+    import errno
+
+    import kvtrie.core.store as store_module
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    r = rig("kv", budget=0, store=store_in(tmp_path, background=background))
+    r.run(conversation(100), [1, 2])
+    monkeypatch.setattr(store_module, "_write_atomically", full)
+    r.run(conversation(200), [1, 2])  # pages 100 out: its write fails
+    r.cache.store.flush()
+    assert r.cache.store.write_errors == 1
+    assert all(f.pending is None for f in r.cache.store._files.values())
+    stats = r.cache.stats
+    written = stats.disk_write_failures  # in the request: the cache evicts the node at once
+    assert r.run(conversation(100) + [1, 9]).cached_tokens == 0
+    # behind the request: the node stays, and reading it is a miss
+    assert (written, stats.disk_read_failures) == ((0, 1) if background else (1, 0))
+    assert files(tmp_path) == set()
+
+
+def test_a_replay_stopped_and_resumed_on_its_store_reuses_what_an_unbroken_one_does(tmp_path):
+    def replay(*argv):
+        report = tmp_path / "r.json"
+        assert (
+            main(["replay", "agent", "--budget", "256MiB", *argv, "-q", "--report", str(report)])
+            == 0
+        )
+        return json.loads(report.read_text())
+
+    unbroken = replay("--disk-budget", "inf")
+    store = str(tmp_path / "store")
+    first = replay("--disk-dir", store, "--limit", "50")
+    second = replay("--disk-dir", store, "--start", "50")
+    assert first["requests"] + second["requests"] == unbroken["requests"]
+    assert second["disk_tier"]["opened"]["adopted_nodes"] > 0
+    assert first["cached_tokens"] + second["cached_tokens"] == unbroken["cached_tokens"]
+    fresh = replay("--disk-dir", str(tmp_path / "fresh"), "--start", "50")
+    assert fresh["cached_tokens"] < second["cached_tokens"]
+
+
+def test_start_past_the_end_or_over_generated_outputs_is_bad_input(tmp_path, capsys):
+    assert main(["replay", "agent", "--start", "1000", "-q"]) == 2
+    assert "--start 1000: the trace has" in capsys.readouterr().err
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(
+        '{"format": "kvtrie-trace", "version": 1}\n'
+        '{"id": "a", "prompt": [1, 2, 3], "output_length": 4}\n'
+        '{"id": "b", "prefix_of": "a", "prefix_length": 5, "prompt": [5], "output_length": 2}\n'
+    )
+    assert main(["replay", str(trace), "--start", "1", "-q"]) == 2
+    assert "--start 1 skips request 'a', which a later request continues" in capsys.readouterr().err

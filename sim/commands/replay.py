@@ -61,7 +61,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "request), full (walk the whole trie each time), sample:N, off",
     )
     replay.add_argument(
-        "--limit", type=int, default=None, metavar="N", help="replay only the first N requests"
+        "--limit", type=int, default=None, metavar="N", help="replay only N requests"
+    )
+    replay.add_argument(
+        "--start",
+        type=int,
+        default=0,
+        metavar="N",
+        help="skip the first N requests (their events too): resume a replay stopped after N "
+        "requests on the disk tier it left in --disk-dir",
     )
     replay.add_argument(
         "--keep-going",
@@ -215,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     from ..costs import cost_for
     from ..mutants import MUTANTS, mutated
     from ..outputs import check_output, write_output
-    from ..replay import replay
+    from ..replay import replay, skipped_history
     from ..report import build_report, markdown_summary, report_json, text_summary
     from ..runner import CheckMode
     from ..timing import ServerClock
@@ -228,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
         disk = disk_tier(args, path, header)
         mode = CheckMode.parse(args.check)
         positive("--limit", args.limit)
+        if args.start < 0:
+            raise UsageError(f"--start must be >= 0, got {args.start}")
         for option, out in (("--report", args.report), ("--markdown", args.markdown)):
             if out is not None:
                 check_output(option, out, trace_inputs(path))
@@ -240,6 +250,11 @@ def run(args: argparse.Namespace) -> int:
         backend = make_backend(backend_name, model)
         trace = load_trace(path, vocab_size=backend.vocab_size, options=read_options(args))
         _check_disk_events(trace, disk)
+        if args.start > len(trace.requests):
+            raise UsageError(
+                f"--start {args.start}: the trace has {len(trace.requests)} requests"
+            )
+        skipped_history(trace, args.start, backend.vocab_size)  # a bad start found now
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     with mutated(mutant):  # built under the mutant: some patch choices made at construction
@@ -252,7 +267,15 @@ def run(args: argparse.Namespace) -> int:
         outcome = None
         try:
             outcome = replay(
-                trace, backend, cache, mode, args.limit, args.keep_going, progress, clock
+                trace,
+                backend,
+                cache,
+                mode,
+                args.limit,
+                args.keep_going,
+                progress,
+                clock,
+                args.start,
             )
             report = build_report(
                 trace, outcome, cache, backend_name, model, args.check, backend.oracle()
