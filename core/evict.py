@@ -208,8 +208,9 @@ class Evictor:
         """Evict until paged-out bytes fit the budgets or only active snapshots are left (a
         lowered budget; page-outs make room first, so they never leave the cache over it)."""
         active = {id(node) for node in self.cache.active_path}
-        if self.cache.budget_bytes is not None:
-            self._evict_until(self.cache.budget_bytes, active)
+        limit = self.cache.ram_limit
+        if limit is not None:
+            self._evict_until(limit, active)
         if self.cache.disk_budget_bytes is not None:
             self._evict_disk_until(self.cache.disk_budget_bytes, active)
 
@@ -218,7 +219,7 @@ class Evictor:
         node, until they fit the budget. False, evicting nothing, when they can't fit even
         with every other node evicted: then the snapshot must not be taken."""
         cache = self.cache
-        budget = cache.budget_bytes
+        budget = cache.ram_limit
         if budget is None or nbytes <= 0:
             return True
         if sum(node.ram_bytes for node in protected.values()) + nbytes > budget:

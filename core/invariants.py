@@ -177,8 +177,9 @@ class EvictionAudit:
 
     def paged_out(self, cache: PrefixCache, node: Node) -> None:
         """I6 at every instant: room is made before a page-out, so after one paged-out bytes
-        are within the budget, whatever was there before."""
-        budget = cache.budget_bytes
+        are within the budget (what the live layers leave of it, when it counts them),
+        whatever was there before."""
+        budget = _ram_limit(cache)
         total = cache.ledger.total
         if budget is not None and total > budget:
             self.violations.append(
@@ -257,8 +258,17 @@ def _check_live(cache: PrefixCache, session: Session | None, out: list[Violation
         out.append(Violation("I4", "the active path's tokens are not the prompt's prefix"))
 
 
+def _ram_limit(cache: PrefixCache) -> int | None:
+    """What paged-out bytes may hold: the budget, or what the live layers leave of it when it
+    counts them (computed here, not taken from the cache)."""
+    budget = cache.budget_bytes
+    if budget is None or not cache.budget_counts_live:
+        return budget
+    return max(0, budget - sum(layer.nbytes for layer in cache.layers))
+
+
 def _over_budget(cache: PrefixCache) -> bool:
-    ram, disk = cache.budget_bytes, cache.disk_budget_bytes
+    ram, disk = _ram_limit(cache), cache.disk_budget_bytes
     return (ram is not None and cache.ledger.total > ram) or (
         disk is not None and cache.ledger.disk_total > disk
     )
@@ -267,7 +277,7 @@ def _over_budget(cache: PrefixCache) -> bool:
 def _check_budget(cache: PrefixCache, holders: list[Node], out: list[Violation]) -> None:
     active = {id(n) for n in cache.active_path}
     for on_disk, budget, total, what in (
-        (False, cache.budget_bytes, cache.ledger.total, "paged-out"),
+        (False, _ram_limit(cache), cache.ledger.total, "paged-out"),
         (True, cache.disk_budget_bytes, cache.ledger.disk_total, "disk tier"),
     ):
         if budget is None or total <= budget:

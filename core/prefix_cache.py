@@ -83,6 +83,8 @@ class CacheStats:
     disk_hit_tokens: int = 0  # tokens whose state a request got from the disk tier
     disk_read_failures: int = 0  # stored snapshots that failed verification: a miss
     restarts: int = 0
+    # requests whose live layers alone held more than a budget that counts them
+    live_over_budget: int = 0
     adopted_nodes: int = 0  # nodes a (re)opened store's trie gave snapshots, over every open
 
 
@@ -110,15 +112,20 @@ class PrefixCache:
         clock: Callable[[], int] | None = None,
         store: SnapshotStore | None = None,
         disk_budget_bytes: int | None = None,
+        budget_counts_live: bool = False,
     ) -> None:
         """``store`` adds a disk tier: snapshots evicted from RAM move there, under
-        ``disk_budget_bytes`` (None: unbounded), instead of being dropped."""
+        ``disk_budget_bytes`` (None: unbounded), instead of being dropped.
+        ``budget_counts_live``: the budget holds the live layers too, not only the paged-out
+        snapshots (unified memory: both come out of one pool), so paged-out bytes are kept
+        within what the live path leaves of it."""
         if not layers:
             raise ValueError("a prefix cache needs at least one layer")
         _check_budget(budget_bytes)
         _check_budget(disk_budget_bytes, "disk_budget_bytes")
         self.layers = list(layers)
         self.budget_bytes = budget_bytes
+        self.budget_counts_live = budget_counts_live
         self.store = store
         self.disk_budget_bytes = disk_budget_bytes
         self.tiered_layers = TieredLayers(self.layers, store)
@@ -237,6 +244,16 @@ class PrefixCache:
     def paged_out_bytes(self) -> int:
         """Bytes of snapshots in RAM (the budget's)."""
         return self.ledger.total
+
+    @property
+    def ram_limit(self) -> int | None:
+        """What paged-out bytes may reach now: the budget, less the live layers' bytes when
+        the budget counts them (None: unbounded)."""
+        if self.budget_bytes is None:
+            return None
+        if not self.budget_counts_live:
+            return self.budget_bytes
+        return max(0, self.budget_bytes - self.live_bytes)
 
     @property
     def disk_bytes(self) -> int:
@@ -516,8 +533,8 @@ class PrefixCache:
         keep = evict.page_floor(leaf.end) - leaf.start
         if (
             self.policy.whole_pages.on
-            and self.budget_bytes is not None
-            and self.ledger.total - leaf.ram_bytes + _nbytes(snapshots) > self.budget_bytes
+            and self.ram_limit is not None
+            and self.ledger.total - leaf.ram_bytes + _nbytes(snapshots) > self.ram_limit
             and not leaf.children
             and not leaf.user
             and 0 < keep < len(leaf.tokens)
@@ -646,6 +663,10 @@ class PrefixCache:
         if offset > frontier.end:
             self.advance(frontier, tokens[frontier.end : offset])
         self.mark_used(self.active_path)
+        if self.budget_counts_live and self.budget_bytes is not None:
+            if self.live_bytes > self.budget_bytes:
+                self.stats.live_over_budget += 1
+            self.evictor.enforce()  # the live layers grew by what the request evaluated
         if self.store is not None:
             self.store.after_request(self)
 
@@ -744,6 +765,8 @@ class Session:
             if stop > offset:
                 result = evaluate(self.prompt[offset:stop])
                 offset = stop
+                if self.cache.budget_counts_live:
+                    self.cache.evictor.enforce()  # what the live layers grew by
             if stop in stops:
                 self.snapshot(user=stop in user)
         return result

@@ -121,14 +121,24 @@ class DiskTier:
 
 
 def make_cache(
-    backend: Backend, budget: int | None, policy: CachePolicy, disk: DiskTier | None = None
+    backend: Backend,
+    budget: int | None,
+    policy: CachePolicy,
+    disk: DiskTier | None = None,
+    budget_counts_live: bool = False,
 ) -> PrefixCache:
     """A cache on ``backend``'s layers; with ``disk``, snapshots evicted from RAM move to a
     disk tier under its budget: files in its directory (reopened, what it kept is adopted),
     or a simulated disk. A directory that can't be used is a ValueError
-    (:class:`~kvtrie.core.store.StoreError`) saying why."""
+    (:class:`~kvtrie.core.store.StoreError`) saying why. ``budget_counts_live``: the budget
+    holds the live layers too."""
     if disk is None:
-        return PrefixCache(backend.new_layers(), budget_bytes=budget, policy=policy)
+        return PrefixCache(
+            backend.new_layers(),
+            budget_bytes=budget,
+            policy=policy,
+            budget_counts_live=budget_counts_live,
+        )
     if disk.directory is None:
         store: SnapshotStore = SimulatedDisk()
     else:
@@ -141,6 +151,7 @@ def make_cache(
         policy=policy,
         store=store,
         disk_budget_bytes=disk.budget,
+        budget_counts_live=budget_counts_live,
     )
 
 

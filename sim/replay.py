@@ -47,6 +47,7 @@ class ReplayOutcome:
     output_tokens: int = 0
     ideal_cached_tokens: int = 0
     over_budget_requests: int = 0
+    peak_ram_bytes: int = 0  # paged-out and live bytes together, after a request, at most
     wall_seconds: float = 0.0
     violations: list[RequestViolation] = field(default_factory=list)
     trie_dump: str = ""
@@ -148,6 +149,8 @@ def replay(
         budget = cache.budget_bytes
         if budget is not None and cache.paged_out_bytes > budget:
             outcome.over_budget_requests += 1
+        ram = cache.paged_out_bytes + cache.live_bytes
+        outcome.peak_ram_bytes = max(outcome.peak_ram_bytes, ram)
         if outcome.requests % 64 == 0 and not bar.disable:
             stats = cache.stats
             bar.set_postfix(hit=f"{stats.cached_tokens / max(stats.prompt_tokens, 1):.3f}")

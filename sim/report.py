@@ -59,6 +59,12 @@ def build_report(
         "peak_paged_out_bytes": cache.ledger.peak,
         "final_paged_out_bytes": cache.paged_out_bytes,
         "over_budget_active_only_requests": outcome.over_budget_requests,
+        # the budget holds the live layers too (--budget-counts-live); the most RAM held
+        # after a request, paged out and live together; requests whose live layers alone
+        # went over a budget that counts them
+        "budget_counts_live": cache.budget_counts_live,
+        "peak_ram_bytes": outcome.peak_ram_bytes,
+        "live_over_budget_requests": stats.live_over_budget,
         "evictions": stats.evictions,
         "page_ins": stats.page_ins,
         "page_outs": stats.page_outs,
@@ -170,6 +176,11 @@ def text_summary(report: dict[str, Any]) -> str:
             f"{_duration(bare['p50'])} / {_duration(bare['p95'])} / {_duration(bare['p99'])}); "
             f"busy {_duration(model['busy_seconds'])} for arrivals over "
             f"{_duration(model['arrival_span_seconds'])}"
+        )
+    if report["live_over_budget_requests"]:
+        lines.append(
+            f"note      {report['live_over_budget_requests']} requests held more live state "
+            "than the whole budget (it counts the live layers); nothing was paged out for them"
         )
     if report["over_budget_active_only_requests"]:
         lines.append(

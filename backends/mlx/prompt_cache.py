@@ -42,11 +42,14 @@ class MLXPromptCache:
         name: str = "model",
         disk_dir: str | Path | None = None,
         disk_budget: int | None = None,
+        budget_counts_live: bool = False,
     ) -> None:
         """``disk_dir`` adds a disk tier there under ``disk_budget`` bytes (None: unbounded):
         snapshots evicted from RAM are written to it, and a new process on the same directory
         adopts what it verifies (another model's directory, or one in use, is a
-        :class:`~kvtrie.core.store.StoreError`). Call :meth:`close` to keep everything."""
+        :class:`~kvtrie.core.store.StoreError`). Call :meth:`close` to keep everything.
+        ``budget_counts_live``: ``budget_bytes`` holds the live caches too (on unified memory
+        both come out of one pool), so long contexts leave less room for paged-out ones."""
         self.backend = MLXBackend(model, name, vocab_of(model))
         # kvtrie-improved unless told otherwise: on a 3-conversation, 4-turn chat sharing a
         # 200-token system prompt (tiny-attention) it prefilled 344 tokens against the seed's
@@ -61,6 +64,7 @@ class MLXPromptCache:
             policy,
             store=store,
             disk_budget_bytes=disk_budget,
+            budget_counts_live=budget_counts_live,
         )
         self._session: Session | None = None
         self._fetched_at = 0  # the live offset fetch() left: mlx-lm evaluates from there

@@ -127,6 +127,12 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
         help="most paged-out snapshot bytes, e.g. 8GiB, 512MiB, inf (default 8GiB)",
     )
     parser.add_argument(
+        "--budget-counts-live",
+        action="store_true",
+        help="the budget holds the live layers too, not only paged-out snapshots (unified "
+        "memory: one pool for both); requests whose live context alone exceeds it are counted",
+    )
+    parser.add_argument(
         "--disk-budget",
         default=None,
         metavar="SIZE",
@@ -259,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     with mutated(mutant):  # built under the mutant: some patch choices made at construction
         try:
-            cache = make_cache(backend, budget, policy, disk)
+            cache = make_cache(backend, budget, policy, disk, args.budget_counts_live)
         except StoreError as exc:
             raise UsageError(str(exc)) from None
         progress = False if args.quiet else None
