@@ -143,6 +143,7 @@ class PrefixCache:
             self.stats.adopted_nodes += self._adopt(store.saved())
         self.evictor = Evictor(self)
         self.evictor.budget_changed()
+        self.evictor.enforce()  # what was adopted, within this run's budgets from the start
         self._session: Session | None = None
         self._points: set[int] = set()  # nodes the open request took snapshots of, by id
 

@@ -332,6 +332,11 @@ MUTANTS: dict[str, Mutant] = {
             lambda: [(EvictionIndex, "evictable", _evictable_even_if_active)],
         ),
         Mutant(
+            "budget-ignores-live",
+            "a budget that counts the live layers is held against paged-out bytes alone",
+            lambda: [(PrefixCache, "ram_limit", property(lambda self: self.budget_bytes))],
+        ),
+        Mutant(
             "evict-newest-first",
             "eviction order reversed: newest first",
             lambda: [

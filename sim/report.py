@@ -68,6 +68,9 @@ def build_report(
         "evictions": stats.evictions,
         "page_ins": stats.page_ins,
         "page_outs": stats.page_outs,
+        # snapshot bytes copied into and out of the live layers (from RAM or the disk tier)
+        "page_in_bytes": stats.page_in_bytes,
+        "page_out_bytes": stats.page_out_bytes,
         "splits": stats.splits,
         "merges": stats.merges,
         "restore_failures": stats.restore_failures,

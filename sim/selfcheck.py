@@ -1299,6 +1299,23 @@ def _room_before_write(kind: str) -> str | None:
     return None
 
 
+def _live_counted(kind: str) -> str | None:
+    """A budget that counts the live layers keeps paged-out and live bytes within it."""
+    backend = FakeBackend(KINDS[kind])
+    budget = 30 * 16  # 12-token conversations: the live one leaves room for one paged out
+    cache = PrefixCache(
+        backend.new_layers(), budget, parse_policy("kvtrie-seed"), budget_counts_live=True
+    )
+    for first in (10, 30, 50):
+        _serve(cache, backend, list(range(first, first + 12)))
+        if cache.paged_out_bytes + cache.live_bytes > budget:
+            return (
+                f"{cache.paged_out_bytes} B paged out and {cache.live_bytes} B live, over a "
+                f"budget of {budget} B that counts both"
+            )
+    return None
+
+
 def _store_cases() -> list[SelfCheck]:
     return [
         SelfCheck("store-adopt-verifies", "store", ("attention",), _adopt_verifies),
@@ -1309,6 +1326,7 @@ def _store_cases() -> list[SelfCheck]:
             _manifest_lists_written_files,
         ),
         SelfCheck("store-room-before-write", "store", ("attention", "mixed"), _room_before_write),
+        SelfCheck("budget-counts-live", "strategies", ("attention",), _live_counted),
     ]
 
 

@@ -30,7 +30,13 @@ class Rig:
     """A cache on the fake backend, driven request by request with every check on."""
 
     def __init__(
-        self, profile: str, budget: int | None, policy: str, store=None, disk_budget=None
+        self,
+        profile: str,
+        budget: int | None,
+        policy: str,
+        store=None,
+        disk_budget=None,
+        counts_live: bool = False,
     ) -> None:
         from kvtrie.backends.fake import FakeBackend
         from kvtrie.core import PrefixCache
@@ -48,6 +54,7 @@ class Rig:
             clock=itertools.count(1).__next__,
             store=store,
             disk_budget_bytes=disk_budget,
+            budget_counts_live=counts_live,
         )
         self.runner = RequestRunner(self.backend, self.cache, CheckMode(full=True))
 
@@ -90,8 +97,8 @@ class Rig:
 @pytest.fixture
 def rig():
     """Factory: ``rig(profile="mixed", budget=None, policy="kvtrie-seed", store=None,
-    disk_budget=None)``; a store (or a function of the rig's backend that makes one) adds a
-    disk tier."""
+    disk_budget=None, counts_live=False)``; a store (or a function of the rig's backend that
+    makes one) adds a disk tier; ``counts_live``: the budget holds the live layers too."""
 
     def make(
         profile: str = "mixed",
@@ -99,7 +106,8 @@ def rig():
         policy: str = "kvtrie-seed",
         store=None,
         disk_budget: int | None = None,
+        counts_live: bool = False,
     ):
-        return Rig(profile, budget, policy, store, disk_budget)
+        return Rig(profile, budget, policy, store, disk_budget, counts_live)
 
     return make

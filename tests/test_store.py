@@ -272,3 +272,16 @@ def test_start_past_the_end_or_over_generated_outputs_is_bad_input(tmp_path, cap
     )
     assert main(["replay", str(trace), "--start", "1", "-q"]) == 2
     assert "--start 1 skips request 'a', which a later request continues" in capsys.readouterr().err
+
+
+def test_reopened_with_a_smaller_disk_budget_the_oldest_go_at_once(rig, tmp_path):
+    first = rig("kv", budget=0, store=store_in(tmp_path))
+    for start in (100, 200, 300, 400):
+        first.run(conversation(start), [1, 2])
+    first.cache.close()
+    second = rig("kv", budget=0, store=store_in(tmp_path), disk_budget=2 * NODE)
+    assert second.cache.disk_bytes == 2 * NODE  # before any request
+    kept = sorted(int(n.tokens[0]) for n in second.cache.nodes() if n.on_disk)
+    assert kept == [300, 400]
+    second.cache.store.flush()
+    assert len(files(tmp_path)) == 2
