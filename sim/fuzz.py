@@ -180,17 +180,23 @@ def _machine(
             tick()
 
         @initialize(
-            disk=st.booleans(), policy=POLICY_SPELLINGS, model=st.sampled_from(config.models)
+            disk=st.booleans(),
+            policy=POLICY_SPELLINGS,
+            model=st.sampled_from(config.models),
+            counts_live=st.booleans(),
         )
-        def start(self, policy: str, model: str, disk: bool) -> None:
+        def start(self, policy: str, model: str, disk: bool, counts_live: bool) -> None:
             self.policy = policy
             self.model = model
             self.disk = disk  # a disk tier (unbounded until a disk_budget event)
+            self.counts_live = counts_live  # the budget holds the live layers too
             result.models[model] += 1
             result.policies[make_policy(policy).name] += 1
             self.backend = backends[model]()
             tier = DiskTier(None) if disk else None
-            self.cache = make_cache(self.backend, None, make_policy(policy), tier)
+            self.cache = make_cache(
+                self.backend, None, make_policy(policy), tier, budget_counts_live=counts_live
+            )
             self.runner = RequestRunner(self.backend, self.cache, CheckMode(full=True))
 
         def _serve(self, prompt: list[int], out: list[int], mark: int | None) -> list[int]:
@@ -329,6 +335,7 @@ def _write_regression(config: FuzzConfig, machine: Any, failure: str) -> Path:
         "policy": getattr(machine, "policy", "kvtrie-seed"),
         "budget_bytes": None,
         **({"disk_budget_bytes": None} if getattr(machine, "disk", False) else {}),
+        **({"budget_counts_live": True} if getattr(machine, "counts_live", False) else {}),
         "found_by": "kvtrie fuzz",
         "mutant": config.mutant,
         "seed": config.seed,  # kvtrie fuzz --seed S draws this example again

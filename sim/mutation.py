@@ -58,7 +58,8 @@ def replay_verdict(path: Path, mutant: str | None) -> str | None:
         with mutated(mutant):
             disk = DiskTier(header["disk_budget_bytes"]) if "disk_budget_bytes" in header else None
             policy = make_policy(header["policy"])
-            cache = make_cache(backend, header.get("budget_bytes"), policy, disk)
+            counts_live = header.get("budget_counts_live", False)
+            cache = make_cache(backend, header.get("budget_bytes"), policy, disk, counts_live)
             outcome = replay(trace, backend, cache, CheckMode(full=True), progress=False)
     finally:
         log.setLevel(level)

@@ -62,6 +62,7 @@ HEADER_TYPES: dict[str, tuple[type, ...]] = {
     "policy": (str,),
     "budget_bytes": (int, type(None)),
     "disk_budget_bytes": (int, type(None)),  # present: a disk tier of this budget (null: inf)
+    "budget_counts_live": (bool,),
     "mutant": (str, type(None)),
     "vocab_size": (int,),
 }
@@ -419,7 +420,8 @@ def read_header(path: Path | str) -> dict[str, Any]:
         return {}
     for key, types in HEADER_TYPES.items():
         value = first.get(key)
-        if key in first and (isinstance(value, bool) or not isinstance(value, types)):
+        wrong_bool = isinstance(value, bool) and bool not in types  # bool is an int too
+        if key in first and (wrong_bool or not isinstance(value, types)):
             kinds = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise fail(path, 1, f"header {key}: expected {kinds}, got {short(value)}")
     return first

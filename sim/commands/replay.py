@@ -265,7 +265,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     with mutated(mutant):  # built under the mutant: some patch choices made at construction
         try:
-            cache = make_cache(backend, budget, policy, disk, args.budget_counts_live)
+            counts_live = args.budget_counts_live or header.get("budget_counts_live", False)
+            cache = make_cache(backend, budget, policy, disk, counts_live)
         except StoreError as exc:
             raise UsageError(str(exc)) from None
         progress = False if args.quiet else None
