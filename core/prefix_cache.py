@@ -390,8 +390,8 @@ class PrefixCache:
                 layer.free()
 
         for node in new_path:
-            if not node.snapshots:
-                continue
+            if not node.snapshots or all(layer.offset >= node.end for layer in self.layers):
+                continue  # nothing to restore (live already): a disk-tier one is not even read
             with ExitStack() as reading:
                 snapshots = self._readable(node, reading)
                 if snapshots is None:

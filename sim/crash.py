@@ -33,6 +33,7 @@ class CrashPoint:
 
     killed_after_seconds: float
     killed_running: bool  # the replay was still running when killed (not already done)
+    killed_with_store_open: bool  # ...and had opened the store (its PID in the lock file)
     bytes_after_kill: int  # snapshot bytes in the store's files right after the kill
     over_budget_bytes: int  # how far those went over the disk budget (0: within it)
     check_exit: int  # the checking replay's exit code (0: every check held)
@@ -59,6 +60,14 @@ def _store_bytes(store: Path) -> int:
     if not folder.is_dir():
         return 0
     return sum(_file_bytes(p) for p in folder.iterdir() if p.suffix == ".safetensors")
+
+
+def _lock_holder(store: Path) -> int | None:
+    """The PID a store's lock file names (the process that opened it last), if any."""
+    try:
+        return int((store / "lock").read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _listed_and_present(store: Path) -> tuple[set[str], set[str]]:
@@ -93,23 +102,25 @@ def crash_points(
         wait = rng.uniform(0.05, length)
         time.sleep(wait)
         running = child.poll() is None
+        opened = _lock_holder(store) == child.pid
         child.kill()
         child.wait()
         after = _store_bytes(store)
         checked = subprocess.run([*replay, "--check", "every", "--report", str(report)])
         outcome = json.loads(report.read_text()) if report.exists() else {}
-        opened = (outcome.get("disk_tier") or {}).get("opened") or {}
+        adopted = (outcome.get("disk_tier") or {}).get("opened") or {}
         listed, present = _listed_and_present(store)
         results.append(
             CrashPoint(
                 killed_after_seconds=round(wait, 3),
                 killed_running=running,
+                killed_with_store_open=running and opened,
                 bytes_after_kill=after,
                 over_budget_bytes=max(0, after - disk_budget),
                 check_exit=checked.returncode,
                 violations=len(outcome.get("violations", [])),
-                adopted_files=opened.get("adopted_files", 0),
-                deleted=opened.get("deleted", {}),
+                adopted_files=adopted.get("adopted_files", 0),
+                deleted=adopted.get("deleted", {}),
                 leaked_files=len(present - listed),
                 missing_files=len(listed - present),
             )
@@ -127,6 +138,7 @@ def crash_points(
         "trace": trace,
         "points": len(results),
         "killed_running": sum(p.killed_running for p in results),
+        "killed_with_store_open": sum(p.killed_with_store_open for p in results),
         "disk_budget_bytes": disk_budget,
         "run_seconds": round(length, 2),
         "wrong_states": sum(p.violations for p in results),

@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--points",
         type=int,
-        default=50,
+        default=None,
         metavar="N",
         help="crash: how many kill points (default 50; 5 with --quick)",
     )
@@ -83,7 +83,7 @@ def _crash(args: argparse.Namespace) -> dict:
 
     from ..crash import crash_points
 
-    points = 5 if args.quick and args.points == 50 else args.points
+    points = args.points if args.points is not None else 5 if args.quick else 50
     if points < 1:
         raise UsageError(f"--points must be >= 1, got {points}")
     trace, budget, disk = ("agent", "256MiB", 2 << 30) if args.quick else ("chat", "1GiB", 8 << 30)
@@ -91,7 +91,8 @@ def _crash(args: argparse.Namespace) -> dict:
         results = crash_points(trace, Path(folder) / "store", points, budget, disk, progress=True)
     print(
         f"crash bench ({trace}, {results['points']} kill -9 points, "
-        f"{results['killed_running']} mid-run): {results['wrong_states']} wrong states, "
+        f"{results['killed_running']} mid-run, {results['killed_with_store_open']} with the "
+        f"store open): {results['wrong_states']} wrong states, "
         f"{results['failed_checks']} failed checks, {results['over_budget_points']} points over "
         f"the disk budget, {results['leaked_files']} leaked files; deleted on reopening: "
         f"{results['deleted_on_open']}"
