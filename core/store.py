@@ -416,6 +416,9 @@ class DirectoryStore:
             assert nodes[-1].parent < index, "a manifest lists parents before children"
         return nodes
 
+    def opening(self) -> dict[str, Any] | None:
+        return self.report.as_dict()
+
     def saved(self) -> list[SavedNode]:
         """The trie this store kept from its last run (once: the cache adopts it)."""
         saved, self._saved = self._saved, []

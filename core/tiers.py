@@ -13,10 +13,11 @@ snapshots taken out before a layer cuts or joins them and stored again after.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 
-class StoredSnapshot:
+class StoredSnapshot(ABC):
     """A snapshot held by a store: its bounds and size, and the ways to get its data back.
 
     ``keeps_backend_snapshot`` says whether the backend's own snapshot object stays open while
@@ -64,21 +65,20 @@ class StoredSnapshot:
     def nbytes(self) -> int:
         return self._nbytes
 
-    @contextmanager
-    def opened(self) -> Iterator[Snapshot | None]:
-        """A readable copy for the duration of the block, or None when the stored data can't
-        be verified (missing, truncated, checksum mismatch): the caller treats it as a miss."""
-        raise NotImplementedError
-        yield None
+    @abstractmethod
+    def opened(self) -> AbstractContextManager[Snapshot | None]:
+        """A readable copy for the duration of a ``with`` block, or None when the stored data
+        can't be verified (missing, truncated, checksum mismatch): the caller treats it as a
+        miss."""
 
+    @abstractmethod
     def take(self) -> Snapshot | None:
         """The data back as a backend snapshot the caller owns (None when unverifiable); the
         store forgets it."""
-        raise NotImplementedError
 
+    @abstractmethod
     def close(self) -> None:
         """Drop the stored data."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}([{self._start}, {self._end}), {self._nbytes} B)"
@@ -166,6 +166,11 @@ class SnapshotStore(Protocol):
         """Open the store again after :meth:`close`, as a new process would."""
         ...
 
+    def opening(self) -> dict[str, Any] | None:
+        """What opening the store found (adopted and deleted files), None for a store that
+        keeps nothing across processes."""
+        ...
+
 
 class _HeldSnapshot(StoredSnapshot):
     """A simulated disk's entry: the backend snapshot itself, counted as disk bytes."""
@@ -232,6 +237,9 @@ class SimulatedDisk:
 
     def reopen(self) -> None:
         pass
+
+    def opening(self) -> dict[str, Any] | None:
+        return None
 
 
 class TieredLayers:

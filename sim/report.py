@@ -108,7 +108,7 @@ def _disk_tier(cache: PrefixCache) -> dict[str, Any] | None:
         "read_failures": stats.disk_read_failures,
         "evictions": stats.disk_evictions,
         # a directory store's opening: what it adopted from an earlier run, what it deleted
-        "opened": getattr(cache.store, "report", None) and cache.store.report.as_dict(),
+        "opened": cache.store.opening(),
     }
 
 

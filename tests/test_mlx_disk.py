@@ -4,6 +4,7 @@ only its new tokens, with the greedy outputs of no cache."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from kvtrie.core import check
@@ -87,7 +88,7 @@ def test_stored_snapshots_come_back_bit_for_bit(tmp_path):
         base, dtype = tiny_model(name)
         backend = MLXBackend(build_tiny_model(base, 0, dtype), name, 100)
         layers = backend.new_layers()
-        backend.evaluate(layers, S)
+        backend.evaluate(layers, np.asarray(S, dtype=np.int32))
         store = DirectoryStore(tmp_path / name, backend.snapshot_codec(), background=False)
         for index, layer in enumerate(layers):
             snapshot = layer.snapshot(0)
