@@ -374,7 +374,9 @@ MUTANTS: dict[str, Mutant] = {
         Mutant(
             "split-shares-recurrent-state",
             "a recurrent state split into both halves",
-            lambda: [(FakeRecurrentCache, "split", lambda self, snap, at: (snap, snap))],
+            lambda: [
+                (FakeRecurrentCache, "split", lambda self, snapshot, at: (snapshot, snapshot))
+            ],
             area="fake",
         ),
         Mutant(

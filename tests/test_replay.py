@@ -146,7 +146,7 @@ def test_a_violation_stops_the_replay_with_its_request_and_a_trie_dump(
     tmp_path, monkeypatch, capsys
 ):
     # sabotage: let recurrent layers "rewind" by moving the offset and keeping a stale state
-    monkeypatch.setattr(FakeRecurrentCache, "can_restore", lambda self, snap, target: True)
+    monkeypatch.setattr(FakeRecurrentCache, "can_restore", lambda self, snapshot, target: True)
     monkeypatch.setattr(
         FakeRecurrentCache, "_rewind", lambda self, target: setattr(self, "_offset", target)
     )
@@ -159,7 +159,7 @@ def test_a_violation_stops_the_replay_with_its_request_and_a_trie_dump(
 
 
 def test_keep_going_collects_every_violation(tmp_path, monkeypatch):
-    monkeypatch.setattr(FakeRecurrentCache, "can_restore", lambda self, snap, target: True)
+    monkeypatch.setattr(FakeRecurrentCache, "can_restore", lambda self, snapshot, target: True)
     monkeypatch.setattr(
         FakeRecurrentCache, "_rewind", lambda self, target: setattr(self, "_offset", target)
     )
