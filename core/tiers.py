@@ -248,14 +248,13 @@ class TieredLayers:
     pieces of a disk-tier node stay in the disk tier."""
 
     def __init__(self, layers: Sequence[LayerCache], store: SnapshotStore | None) -> None:
-        self.layers = list(layers)
-        self.store = store
+        self.tiered = [_TieredLayer(i, layer, store) for i, layer in enumerate(layers)]
 
     def __len__(self) -> int:
-        return len(self.layers)
+        return len(self.tiered)
 
     def __iter__(self) -> Iterator[_TieredLayer]:
-        return (_TieredLayer(i, layer, self.store) for i, layer in enumerate(self.layers))
+        return iter(self.tiered)
 
 
 class _TieredLayer:
