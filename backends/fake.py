@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from kvtrie.core.hashing import mix64
-from kvtrie.core.protocols import LayerKind, Snapshot
+from kvtrie.core.protocols import LayerKind, Snapshot, SnapshotBounds
 from kvtrie.core.trie import as_tokens
 
 from .base import CheckedRestore, Faults, RangeSnapshots, WholeStateSnapshots
@@ -100,28 +100,14 @@ class SnapshotLedger:
             self.closed_twice += 1
 
 
-class _FakeSnapshot:
+class _FakeSnapshot(SnapshotBounds):
     """Base of the fake snapshots: byte size, close-once bookkeeping."""
 
     def __init__(self, start: int, end: int, nbytes: int, ledger: SnapshotLedger) -> None:
-        self._start = start
-        self._end = end
-        self._nbytes = nbytes
+        super().__init__(start, end, nbytes)
         self._ledger = ledger
         self.is_closed = False
         ledger.opened(self)
-
-    @property
-    def start(self) -> int:
-        return self._start
-
-    @property
-    def end(self) -> int:
-        return self._end
-
-    @property
-    def nbytes(self) -> int:
-        return self._nbytes
 
     def close(self) -> None:
         self._ledger.closed(self)

@@ -212,7 +212,7 @@ class Evictor:
         if limit is not None:
             self._evict_until(limit, active)
         if self.cache.disk_budget_bytes is not None:
-            self._evict_disk_until(self.cache.disk_budget_bytes, active)
+            self._evict_until(self.cache.disk_budget_bytes, active, disk=True)
 
     def make_room(self, nbytes: int, protected: dict[int, Node]) -> bool:
         """Before ``nbytes`` more are paged out: evict, in order and never a ``protected``
@@ -227,39 +227,37 @@ class Evictor:
         self._evict_until(budget - nbytes, protected)
         return cache.ledger.total + nbytes <= budget
 
-    def _evict_until(self, limit: int, protected: Collection[int]) -> None:
+    def _evict_until(self, limit: int, protected: Collection[int], disk: bool = False) -> None:
+        """Evict from RAM (moving to the disk tier what fits there), or from the disk tier,
+        until that tier's bytes are within ``limit``, in order and never a ``protected``
+        node."""
         cache = self.cache
-        self.limit = limit
-        while cache.ledger.total > limit:
-            victim = self.index.pop_victim(protected)
+        index = self.disk_index if disk else self.index
+        if disk:
+            self.disk_limit = limit
+        else:
+            self.limit = limit
+        while (cache.ledger.disk_total if disk else cache.ledger.total) > limit:
+            victim = index.pop_victim(protected)
             if victim is None:
                 break
             for observer in self.observers:
                 observer.evicting(cache, victim, protected)
-            if not self.move_to_disk(victim, protected):
+            if disk:
+                cache.stats.disk_evictions += 1
+                self.evict(victim, protected)
+            elif not self.move_to_disk(victim, protected):
                 self.evict(victim, protected)
 
-    def _make_disk_room(self, nbytes: int, protected: Container[int]) -> bool:
+    def _make_disk_room(self, nbytes: int, protected: Collection[int]) -> bool:
         """The disk tier's :meth:`make_room`: False when ``nbytes`` can't fit it at all."""
         budget = self.cache.disk_budget_bytes
         if budget is None:
             return True
         if nbytes > budget:
             return False
-        self._evict_disk_until(budget - nbytes, protected)
+        self._evict_until(budget - nbytes, protected, disk=True)
         return self.cache.ledger.disk_total + nbytes <= budget
-
-    def _evict_disk_until(self, limit: int, protected: Container[int]) -> None:
-        cache = self.cache
-        self.disk_limit = limit
-        while cache.ledger.disk_total > limit:
-            victim = self.disk_index.pop_victim(protected)
-            if victim is None:
-                break
-            for observer in self.observers:
-                observer.evicting(cache, victim, protected)
-            cache.stats.disk_evictions += 1
-            self.evict(victim, protected)
 
     def move_to_disk(self, node: Node, protected: Collection[int]) -> bool:
         """Move an evicted node's snapshots to the disk tier, making room there first; False

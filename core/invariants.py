@@ -179,28 +179,21 @@ class EvictionAudit:
         """I6 at every instant: room is made before a page-out, so after one paged-out bytes
         are within the budget (what the live layers leave of it, when it counts them),
         whatever was there before."""
-        budget = _ram_limit(cache)
-        total = cache.ledger.total
-        if budget is not None and total > budget:
-            self.violations.append(
-                Violation(
-                    "I6",
-                    f"paging out {_where(node)} took paged-out bytes to {total} B, over the "
-                    f"budget {budget} B",
-                )
-            )
+        self._ceiling(
+            f"paging out {_where(node)}", "paged-out", cache.ledger.total, _ram_limit(cache)
+        )
 
     def moved_to_disk(self, cache: PrefixCache, node: Node) -> None:
         """The disk tier's I6: room is made there before a move, so after one its bytes are
         within its budget."""
-        budget = cache.disk_budget_bytes
-        total = cache.ledger.disk_total
+        where = f"moving {_where(node)} to disk"
+        self._ceiling(where, "disk-tier", cache.ledger.disk_total, cache.disk_budget_bytes)
+
+    def _ceiling(self, what: str, tier: str, total: int, budget: int | None) -> None:
         if budget is not None and total > budget:
             self.violations.append(
                 Violation(
-                    "I6",
-                    f"moving {_where(node)} to disk took its bytes to {total} B, over the "
-                    f"disk budget {budget} B",
+                    "I6", f"{what} took {tier} bytes to {total} B, over the budget {budget} B"
                 )
             )
 

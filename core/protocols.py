@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from typing import Protocol, runtime_checkable
 
-__all__ = ["LayerKind", "LayerCache", "Snapshot"]
+__all__ = ["LayerKind", "LayerCache", "Snapshot", "SnapshotBounds"]
 
 
 class LayerKind(str, enum.Enum):
@@ -47,6 +47,28 @@ class Snapshot(Protocol):
     def close(self) -> None:
         """Release the data. Using a closed snapshot is a bug."""
         ...
+
+
+class SnapshotBounds:
+    """A snapshot's fixed ``start``, ``end`` and ``nbytes`` (what the protocol above asks
+    for), for the snapshot classes to share."""
+
+    def __init__(self, start: int, end: int, nbytes: int) -> None:
+        self._start = start
+        self._end = end
+        self._nbytes = nbytes
+
+    @property
+    def start(self) -> int:
+        return self._start
+
+    @property
+    def end(self) -> int:
+        return self._end
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
 
 
 @runtime_checkable

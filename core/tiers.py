@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .protocols import LayerCache, LayerKind, Snapshot
+from .protocols import LayerCache, LayerKind, Snapshot, SnapshotBounds
 
 if TYPE_CHECKING:
     from .prefix_cache import PrefixCache
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 
-class StoredSnapshot(ABC):
+class StoredSnapshot(SnapshotBounds, ABC):
     """A snapshot held by a store: its bounds and size, and the ways to get its data back.
 
     ``keeps_backend_snapshot`` says whether the backend's own snapshot object stays open while
@@ -47,23 +47,6 @@ class StoredSnapshot(ABC):
     """
 
     keeps_backend_snapshot = False
-
-    def __init__(self, start: int, end: int, nbytes: int) -> None:
-        self._start = start
-        self._end = end
-        self._nbytes = nbytes
-
-    @property
-    def start(self) -> int:
-        return self._start
-
-    @property
-    def end(self) -> int:
-        return self._end
-
-    @property
-    def nbytes(self) -> int:
-        return self._nbytes
 
     @abstractmethod
     def opened(self) -> AbstractContextManager[Snapshot | None]:

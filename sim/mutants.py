@@ -72,7 +72,7 @@ def _write_then_make_room(real):
     def write(self: Evictor, node, snapshots):
         done = real(self, node, snapshots)
         if self.cache.disk_budget_bytes is not None:
-            self._evict_disk_until(self.cache.disk_budget_bytes, {id(node)})
+            self._evict_until(self.cache.disk_budget_bytes, {id(node)}, disk=True)
         return done
 
     return write
