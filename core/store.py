@@ -184,6 +184,16 @@ class StoredFile(StoredSnapshot):
         self.closed = True
         self.store.forget(self)
 
+    def truncate(self) -> None:
+        """Cut the file (or the queued bytes) to half its length, as a crash or another
+        process might (fault injection: the checksum must catch it)."""
+        with self.store.lock:
+            if self.pending is not None:
+                self.pending = self.pending[: len(self.pending) // 2]
+                return
+        data = self.path.read_bytes()
+        self.path.write_bytes(data[: len(data) // 2])
+
     def corrupt(self) -> None:
         """Flip a byte of the data, on disk or queued, as a failing disk would (fault
         injection: the checksum must catch it)."""

@@ -163,12 +163,16 @@ class _HeldSnapshot(StoredSnapshot):
     def __init__(self, snapshot: Snapshot) -> None:
         super().__init__(snapshot.start, snapshot.end, snapshot.nbytes)
         self.snapshot: Snapshot | None = snapshot
+        self.lost = False  # cut short behind the cache's back: it no longer verifies
 
     @contextmanager
     def opened(self) -> Iterator[Snapshot | None]:
-        yield self.snapshot
+        yield None if self.lost else self.snapshot
 
     def take(self) -> Snapshot | None:
+        if self.lost:
+            self.close()
+            return None
         snapshot, self.snapshot = self.snapshot, None
         return snapshot
 
@@ -177,9 +181,16 @@ class _HeldSnapshot(StoredSnapshot):
             self.snapshot.close()
             self.snapshot = None
 
-    def corrupt(self) -> None:
-        """Damage the data it holds, as a flipped bit on a disk would (fault injection)."""
-        self.snapshot.corrupt()  # type: ignore[union-attr]
+    @property
+    def corrupt(self) -> Callable[[], None] | None:
+        """The held snapshot's own way to damage its data, as a flipped bit on a disk would
+        (fault injection), or None when its backend has none."""
+        return getattr(self.snapshot, "corrupt", None)
+
+    def truncate(self) -> None:
+        """Lose the data's tail, as a file cut short would: a store's length and checksum
+        checks fail on it, so it reads as unverifiable (fault injection)."""
+        self.lost = True
 
 
 class SimulatedDisk:

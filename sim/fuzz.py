@@ -3,8 +3,8 @@
 The machine serves conversations that share prefixes on purpose (a Bundle of everything
 evaluated so far), branches from earlier turns, marks user restore points, moves the budget
 down to zero, and injects restore failures and corrupt snapshots; half its caches have a disk
-tier, whose budget it moves too, whose writes it makes fail, and which it restarts from
-(the live state and RAM lost, the disk tier adopted). After every step it checks
+tier, whose budget it moves too, whose writes it makes fail, whose stored snapshots it cuts
+short, and which it restarts from (the live state and RAM lost, the disk tier adopted). After every step it checks
 every structural invariant, the oracle (the live state equals a fresh prefill), that no
 snapshot leaked or was closed twice, and that no restore failed without an injected fault.
 A failure is shrunk by Hypothesis and written as a kvtrie trace that ``kvtrie replay``
@@ -303,6 +303,16 @@ def _machine(
             self._apply(Event("corrupt", 0, start=start, end=end, layer=layer))
             if data.draw(st.booleans()):  # and ask for it at once: the restore must refuse it
                 self._serve(_path_tokens(holders[(start, end)]) + [1], [], None)
+
+        @precondition(lambda self: any(n.on_disk for n in walk(self.cache.root)))
+        @rule(data=st.data())
+        def truncate_stored(self, data):
+            """A disk-tier snapshot cut short behind the cache's back: a miss, never served."""
+            stored = {(n.start, n.end): n for n in walk(self.cache.root) if n.on_disk}
+            start, end = data.draw(st.sampled_from(sorted(stored)))
+            self._apply(Event("truncate", 0, start=start, end=end))
+            if data.draw(st.booleans()):  # and ask for it at once
+                self._serve(_path_tokens(stored[(start, end)]) + [1], [], None)
 
         def teardown(self):
             if hasattr(self, "cache"):

@@ -114,6 +114,13 @@ class RequestRunner:
         elif event.kind == "restart":
             self.pristine = False
             self.cache.restart(event.clean)
+        elif event.kind == "truncate":
+            self.pristine = False
+            for node in self.cache.nodes():
+                if (node.start, node.end) == (event.start, event.end) and node.on_disk:
+                    for snap in node.snapshots or []:
+                        if snap is not None:
+                            snap.truncate()
         else:
             self.pristine = False
             for node in self.cache.nodes():

@@ -78,16 +78,24 @@ class TraceError(ValueError):
         self.line = line
 
 
-EVENT_KINDS = ("budget", "disk_budget", "fail_restores", "fail_writes", "corrupt", "restart")
-DISK_EVENTS = ("disk_budget", "fail_writes", "restart")  # they need a disk tier
+EVENT_KINDS = (
+    "budget",
+    "disk_budget",
+    "fail_restores",
+    "fail_writes",
+    "corrupt",
+    "truncate",
+    "restart",
+)
+DISK_EVENTS = ("disk_budget", "fail_writes", "truncate", "restart")  # they need a disk tier
 
 
 @dataclass(frozen=True)
 class Event:
     """Something done to the cache between requests: a change of the RAM or the disk tier's
     budget, an injected fault (failing restores, failing disk-tier writes, a snapshot
-    damaged in place, in RAM or on disk), or a restart (the process stops and a new one
-    opens the same disk tier)."""
+    damaged in place, in RAM or on disk, a disk-tier one cut short), or a restart (the process
+    stops and a new one opens the same disk tier)."""
 
     kind: str
     line: int
@@ -105,7 +113,7 @@ class Event:
             return {"event": self.kind, "count": self.count}
         if self.kind == "restart":
             return {"event": "restart", "clean": self.clean}
-        line: dict[str, Any] = {"event": "corrupt", "start": self.start, "end": self.end}
+        line: dict[str, Any] = {"event": self.kind, "start": self.start, "end": self.end}
         if self.layer is not None:
             line["layer"] = self.layer
         return line

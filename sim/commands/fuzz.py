@@ -189,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
             "restore_failures": result.totals.restore_failures,
             "moves_to_disk": result.totals.moves_to_disk,
             "disk_page_ins": result.totals.disk_page_ins,
+            "disk_read_failures": result.totals.disk_read_failures,
             "disk_evictions": result.totals.disk_evictions,
             "disk_write_failures": result.totals.disk_write_failures,
             "restarts": result.totals.restarts,
