@@ -82,6 +82,7 @@ class CacheStats:
     disk_read_bytes: int = 0
     disk_hit_tokens: int = 0  # tokens whose state a request got from the disk tier
     disk_read_failures: int = 0  # stored snapshots that failed verification: a miss
+    disk_reads_skipped: int = 0  # requests that recomputed what reading was estimated slower
     restarts: int = 0
     # requests whose live layers alone held more than a budget that counts them
     live_over_budget: int = 0
@@ -113,12 +114,16 @@ class PrefixCache:
         store: SnapshotStore | None = None,
         disk_budget_bytes: int | None = None,
         budget_counts_live: bool = False,
+        estimate_seconds: Callable[[int, int, int], float] | None = None,
     ) -> None:
         """``store`` adds a disk tier: snapshots evicted from RAM move there, under
         ``disk_budget_bytes`` (None: unbounded), instead of being dropped.
         ``budget_counts_live``: the budget holds the live layers too, not only the paged-out
         snapshots (unified memory: both come out of one pool), so paged-out bytes are kept
-        within what the live path leaves of it."""
+        within what the live path leaves of it. ``estimate_seconds(cached, prompt,
+        disk_bytes)``: the estimated seconds of a request of ``prompt`` tokens that reuses
+        ``cached`` and reads ``disk_bytes`` from the disk tier (the policy's
+        read-or-recompute choice uses it)."""
         if not layers:
             raise ValueError("a prefix cache needs at least one layer")
         _check_budget(budget_bytes)
@@ -135,6 +140,7 @@ class PrefixCache:
         self.attention_only = kinds == {LayerKind.KV}
         self.policy = (policy or CachePolicy()).for_layers(kinds)
         self.clock = clock or itertools.count(1).__next__
+        self.estimate_seconds = estimate_seconds
         self.ledger = ByteLedger()
         self.stats = CacheStats()
         self.root = Node(tokens=as_tokens([]), end=0, last_used=self.clock())
@@ -294,6 +300,7 @@ class PrefixCache:
         self._points.clear()
         path, longest = match(self.root, tokens)
         path, matched = self.leave_one_token(tokens, path, longest)
+        path, matched = self._cheaper_than_reading(len(tokens), path, matched)
         partial = len(path) > 1 and path[-1].start < matched < path[-1].end
         prefix = self._switch_to_match(path, tokens[:matched], partial)
         snapshot_at = matched if (partial or (prefix == 0 and matched > 0)) else 0
@@ -323,6 +330,34 @@ class PrefixCache:
         if matched == len(tokens):
             return match(self.root, tokens[:-1])
         return path, matched
+
+    def _cheaper_than_reading(
+        self, prompt: int, path: list[Node], matched: int
+    ) -> tuple[list[Node], int]:
+        """The match to restore: the whole of it, or, when reading the disk tier is estimated
+        slower than recomputing, only the part above the disk-tier node to stop at (the one
+        that gives the least estimated seconds)."""
+        if (
+            self.store is None
+            or self.estimate_seconds is None
+            or not self.policy.read_or_recompute.on
+        ):
+            return path, matched
+        live = set(map(id, self.active_path))
+        to_read = [
+            n.snapshot_bytes if n.on_disk and n.snapshots and id(n) not in live else 0 for n in path
+        ]
+        best = (self.estimate_seconds(matched, prompt, sum(to_read)), len(path), matched)
+        for index in range(1, len(path)):
+            if to_read[index]:
+                stop = path[index].start
+                seconds = self.estimate_seconds(stop, prompt, sum(to_read[:index]))
+                if seconds < best[0]:
+                    best = (seconds, index, stop)
+        if best[1] < len(path):
+            self.stats.disk_reads_skipped += 1
+            log.info("disk tier: recomputing from %d, reading to %d is slower", best[2], matched)
+        return path[: best[1]], best[2]
 
     def _switch_to_match(self, path: list[Node], matched_tokens: np.ndarray, partial: bool) -> int:
         """Switch to the matched path and return how many prompt tokens the live state covers."""

@@ -9,11 +9,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvtrie.backends.base import Backend
 from kvtrie.core.policy import CachePolicy, parse_policy
 from kvtrie.core.prefix_cache import PrefixCache
 from kvtrie.core.tiers import SimulatedDisk, SnapshotStore
+
+if TYPE_CHECKING:
+    from .costs import CostModel
 
 __all__ = [
     "DiskTier",
@@ -126,12 +130,14 @@ def make_cache(
     policy: CachePolicy,
     disk: DiskTier | None = None,
     budget_counts_live: bool = False,
+    cost: CostModel | None = None,
 ) -> PrefixCache:
     """A cache on ``backend``'s layers; with ``disk``, snapshots evicted from RAM move to a
     disk tier under its budget: files in its directory (reopened, what it kept is adopted),
     or a simulated disk. A directory that can't be used is a ValueError
     (:class:`~kvtrie.core.store.StoreError`) saying why. ``budget_counts_live``: the budget
-    holds the live layers too."""
+    holds the live layers too. ``cost``: the time model's figures, for the policy's
+    read-or-recompute choice on a disk tier."""
     if disk is None:
         return PrefixCache(
             backend.new_layers(),
@@ -152,6 +158,7 @@ def make_cache(
         store=store,
         disk_budget_bytes=disk.budget,
         budget_counts_live=budget_counts_live,
+        estimate_seconds=cost.request_seconds if cost is not None else None,
     )
 
 

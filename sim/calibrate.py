@@ -3,14 +3,21 @@
 Prefill seconds are timed over a grid of (cached context, new tokens) and fitted to the cost
 model's ``a + b*n + c*(context attended)`` by least squares; decode is the median seconds of
 one token at a mid-grid context; page-in and page-out are the bytes of a snapshot set over
-the seconds its restore, and its copy out of the live layers, take. The coefficients go in a ``[costs.NAME]`` table that ``--cost`` reads; the
+the seconds its restore, and its copy out of the live layers, take; disk write and read are
+the same set's bytes over the seconds a :class:`~kvtrie.core.store.DirectoryStore` in the
+given directory takes to write its files (encoded, checksummed, fsynced) and to read them back
+(verified, decoded): the disk tier's own path, not a raw file copy. The files are read just
+after they are written, so the operating system's page cache may serve them: a read after a
+restart is slower. The coefficients go in a ``[costs.NAME]`` table that ``--cost`` reads; the
 grid, the measured and fitted seconds and their relative error in ``[calibration.NAME]``.
 """
 
 from __future__ import annotations
 
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,10 +73,46 @@ def _fit(rows: list[tuple[int, int, float]]) -> tuple[float, float, float]:
     return coefficients[0], coefficients[1], coefficients[2]
 
 
+def _disk_seconds(
+    backend: Any, take: Callable[[], list[Any]], directory: Path | None, repeats: int
+) -> tuple[float, float]:
+    """Median seconds to write a snapshot set (``take`` makes one) to a fresh store in
+    ``directory`` (default: the system's temporary folder) and to read it back; the store is
+    removed after."""
+    from kvtrie.core.store import DirectoryStore
+
+    folder = Path(tempfile.mkdtemp(prefix="kvtrie-calibrate-", dir=directory))
+    try:
+        store = DirectoryStore(folder / "store", backend.snapshot_codec(), background=False)
+        writes, reads = [], []
+        for _ in range(repeats):
+            copies = take()
+            started = time.perf_counter()
+            stored = [store.put(i, c) if c is not None else None for i, c in enumerate(copies)]
+            writes.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            for item in stored:
+                if item is not None:
+                    with item.opened() as read:
+                        assert read is not None, f"calibrate: {folder} lost a file it just wrote"
+            reads.append(time.perf_counter() - started)
+            for item in stored:
+                if item is not None:
+                    item.close()
+        store.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return statistics.median(writes), statistics.median(reads)
+
+
 def calibrate(
-    model: str, grid: str = "quick", tick: Callable[[], Any] | None = None
+    model: str,
+    grid: str = "quick",
+    tick: Callable[[], Any] | None = None,
+    disk_dir: Path | None = None,
 ) -> Calibration:
-    """Time ``model`` (an MLX model name or directory) on this machine."""
+    """Time ``model`` (an MLX model name or directory) on this machine; the disk tier's
+    bandwidth in ``disk_dir`` (default: the system's temporary folder)."""
     import mlx.core as mx
 
     from kvtrie.backends.mlx import MLXBackend
@@ -130,17 +173,23 @@ def calibrate(
         mx.eval(*[a for layer in layers for a in arrays_of(layer.cache)])
 
     page_in_seconds = median_seconds(page_in, 4 * repeats)
+    write_seconds, read_seconds = _disk_seconds(
+        backend, lambda: [layer.snapshot(0) for layer in layers], disk_dir, 2 * repeats
+    )
     cost = CostModel(
         name=f"{Path(model).name}-{platform.node() or 'this-machine'}",
         model=model,
         machine=f"{platform.system()} {platform.machine()} {platform.processor()}".strip(),
-        source=f"kvtrie calibrate{' --quick' if grid == 'quick' else ''}, {date.today()}",
+        source=f"kvtrie calibrate{' --quick' if grid == 'quick' else ''}, {date.today()}, disk in "
+        f"{disk_dir or tempfile.gettempdir()}",
         prefill_fixed_seconds=a,
         prefill_seconds_per_token=b,
         prefill_seconds_per_token_context=c,
         decode_seconds_per_token=decode,
         page_in_bytes_per_second=nbytes / page_in_seconds,
         page_out_bytes_per_second=nbytes / page_out_seconds,
+        disk_read_bytes_per_second=nbytes / read_seconds,
+        disk_write_bytes_per_second=nbytes / write_seconds,
     )
     points = [(cached, n, s, cost.prefill_seconds(cached, n)) for cached, n, s in rows]
     return Calibration(cost, points)

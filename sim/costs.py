@@ -25,6 +25,8 @@ _RATES = (
     "decode_seconds_per_token",
     "page_in_bytes_per_second",
     "page_out_bytes_per_second",
+    "disk_read_bytes_per_second",
+    "disk_write_bytes_per_second",
 )
 _NON_NEGATIVE = ("prefill_fixed_seconds", "prefill_seconds_per_token_context")
 
@@ -47,6 +49,8 @@ class CostModel:
     decode_seconds_per_token: float
     page_in_bytes_per_second: float
     page_out_bytes_per_second: float
+    disk_read_bytes_per_second: float
+    disk_write_bytes_per_second: float
 
     def prefill_seconds(self, cached: int, computed: int) -> float:
         """Seconds to evaluate ``computed`` tokens after ``cached`` reused ones."""
@@ -67,6 +71,19 @@ class CostModel:
 
     def page_out_seconds(self, nbytes: int) -> float:
         return nbytes / self.page_out_bytes_per_second
+
+    def disk_read_seconds(self, nbytes: int) -> float:
+        """Seconds to read (and verify) ``nbytes`` of stored snapshots from the disk tier."""
+        return nbytes / self.disk_read_bytes_per_second
+
+    def disk_write_seconds(self, nbytes: int) -> float:
+        return nbytes / self.disk_write_bytes_per_second
+
+    def request_seconds(self, cached: int, prompt: int, disk_bytes: int) -> float:
+        """A request's estimated seconds when it reuses ``cached`` of ``prompt`` tokens and
+        reads ``disk_bytes`` of them from the disk tier: what the cache's read-or-recompute
+        choice weighs."""
+        return self.disk_read_seconds(disk_bytes) + self.prefill_seconds(cached, prompt - cached)
 
     def describe(self) -> dict[str, object]:
         return dict(vars(self))

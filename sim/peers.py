@@ -33,6 +33,7 @@ from kvtrie.core.trie import (
 )
 
 from .build import DiskTier
+from .costs import CostModel
 from .ideal import IdealPrefixes
 
 __all__ = [
@@ -432,6 +433,7 @@ class KvtriePeer(Peer):
         profile: ModelProfile,
         marks: Sequence[tuple[int, ...]] | None = None,
         disk: DiskTier | None = None,
+        time_cost: CostModel | None = None,
     ) -> None:
         super().__init__(budget, costs_of(profile))
         from kvtrie.backends.fake import FakeBackend
@@ -441,7 +443,7 @@ class KvtriePeer(Peer):
 
         self.name = policy
         backend = FakeBackend(profile)
-        self.cache = make_cache(backend, budget, make_policy(policy), disk)
+        self.cache = make_cache(backend, budget, make_policy(policy), disk, cost=time_cost)
         self.runner = RequestRunner(backend, self.cache, CheckMode(every=0))
         self.marks = marks
         self.index = 0
@@ -468,14 +470,15 @@ def make_peer(
     profile: ModelProfile | None = None,
     marks: Sequence[tuple[int, ...]] | None = None,
     disk: DiskTier | None = None,
+    time_cost: CostModel | None = None,
 ) -> Peer:
     """The named peer; kvtrie's own policies need the model ``profile`` (and take each
-    request's user restore points as ``marks``, and a simulated ``disk`` tier), mlx-lm's real
-    class needs mlx-lm."""
+    request's user restore points as ``marks``, a simulated ``disk`` tier and the time
+    model's figures, ``time_cost``), mlx-lm's real class needs mlx-lm."""
     if name in KVTRIE_PEERS:
         if profile is None:
             raise ValueError(f"{name} runs on a model profile; none was given")
-        return KvtriePeer(name, budget, profile, marks, disk)
+        return KvtriePeer(name, budget, profile, marks, disk, time_cost)
     if name == "mlx-lm-real":
         try:
             from .mlxlm import LRUPromptCachePeer

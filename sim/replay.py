@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from tqdm import tqdm
@@ -15,7 +15,7 @@ from kvtrie.core.prefix_cache import PrefixCache
 from kvtrie.core.render import render_trie
 
 from .runner import CheckMode, RequestRunner
-from .timing import ServerClock
+from .timing import ServerClock, moved_bytes
 from .traces import Event, Trace, resolve_prompt
 
 __all__ = ["ReplayOutcome", "RequestViolation", "replay", "skipped_history"]
@@ -120,7 +120,7 @@ def replay(
             stopped = True
             break
         prompt = resolve_prompt(request, history, backend.vocab_size)
-        paged_in, paged_out = cache.stats.page_in_bytes, cache.stats.page_out_bytes
+        before = replace(cache.stats)
         try:
             result = runner.run(prompt, request.outputs, request.user_snapshots)
         except (AssertionError, ValueError) as exc:
@@ -139,10 +139,11 @@ def replay(
                 request.arrival_ms,
                 account.prompt_tokens,
                 account.cached_tokens,
-                cache.stats.page_in_bytes - paged_in,
-                cache.stats.page_out_bytes - paged_out,
-                len(result.outputs),
-                (result.restore_seconds, result.prefill_seconds) if backend.measures_time else None,
+                generated=len(result.outputs),
+                measured=(result.restore_seconds, result.prefill_seconds)
+                if backend.measures_time
+                else None,
+                **moved_bytes(before, cache.stats),
             )
         if request.id in trace.referenced:
             history[request.id] = np.concatenate([prompt, result.outputs])

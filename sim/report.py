@@ -12,7 +12,7 @@ from kvtrie.core.render import format_bytes
 from .replay import ReplayOutcome
 from .traces import Trace
 
-__all__ = ["build_report", "markdown_summary", "text_summary", "report_json"]
+__all__ = ["build_report", "format_duration", "markdown_summary", "text_summary", "report_json"]
 
 
 def _ratio(part: float, whole: float) -> float:
@@ -106,6 +106,8 @@ def _disk_tier(cache: PrefixCache) -> dict[str, Any] | None:
         "page_ins": stats.disk_page_ins,
         "read_bytes": stats.disk_read_bytes,
         "read_failures": stats.disk_read_failures,
+        # requests that recomputed instead of reading, the read estimated slower (a cost model)
+        "reads_skipped": stats.disk_reads_skipped,
         "evictions": stats.disk_evictions,
         # a directory store's opening: what it adopted from an earlier run, what it deleted
         "opened": cache.store.opening(),
@@ -129,7 +131,7 @@ def _reading(reading: dict[str, Any]) -> str:
     return "".join(f", {part}" for part in parts)
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     """``0.42 s``, ``12.3 min``, ``4.56 h``."""
     if seconds < 120:
         return f"{seconds:.2f} s"
@@ -170,15 +172,16 @@ def text_summary(report: dict[str, Any]) -> str:
     model = report["time_model"]
     if model:
         ttft, bare = model["ttft_seconds"], model["ttft_seconds_no_cache"]
+        span = format_duration
         lines.append(
             f"seconds   estimated ({model['cost']['name']}): prefill "
-            f"{_duration(model['prefill_seconds_no_cache'])} without the cache, "
-            f"{_duration(model['prefill_seconds'] + model['snapshot_seconds'])} with it "
-            f"(page-ins and page-outs included); TTFT p50/p95/p99 {_duration(ttft['p50'])} / "
-            f"{_duration(ttft['p95'])} / {_duration(ttft['p99'])} (without: "
-            f"{_duration(bare['p50'])} / {_duration(bare['p95'])} / {_duration(bare['p99'])}); "
-            f"busy {_duration(model['busy_seconds'])} for arrivals over "
-            f"{_duration(model['arrival_span_seconds'])}"
+            f"{span(model['prefill_seconds_no_cache'])} without the cache, "
+            f"{span(model['prefill_seconds'] + model['snapshot_seconds'])} with it "
+            f"(page-ins, page-outs and disk reads included); TTFT p50/p95/p99 "
+            f"{span(ttft['p50'])} / {span(ttft['p95'])} / {span(ttft['p99'])} (without: "
+            f"{span(bare['p50'])} / {span(bare['p95'])} / {span(bare['p99'])}); "
+            f"busy {span(model['busy_seconds'])} for arrivals over "
+            f"{span(model['arrival_span_seconds'])}"
         )
     if report["live_over_budget_requests"]:
         lines.append(

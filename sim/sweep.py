@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,12 @@ from kvtrie.backends.profiles import ModelProfile
 from kvtrie.core.render import format_bytes
 
 from .build import DiskTier
+from .costs import CostModel
 from .executors import Executor, LocalExecutor
 from .outputs import write_atomic
-from .peers import KVTRIE_PEERS, PeerUnavailable, Workload, costs_of, make_peer
+from .peers import KVTRIE_PEERS, KvtriePeer, PeerUnavailable, Workload, costs_of, make_peer
+from .report import format_duration
+from .timing import ServerClock, moved_bytes
 from .traces import Trace, resolve_prompt
 
 __all__ = ["ALL_POLICIES", "SweepRow", "materialize", "run_sweep", "write_sweep"]
@@ -56,6 +59,11 @@ class SweepRow:
     disk_tier: bool = False
     disk_budget_bytes: int | None = None
     disk_peak_bytes: int = 0
+    # the time model (None without cost figures for the model): estimated prefill seconds,
+    # snapshot page-outs, page-ins and disk reads included (kvtrie's policies; the peers'
+    # restores are not modelled), and TTFT p95 under the trace's arrival times
+    prefill_seconds: float | None = None
+    ttft_p95_seconds: float | None = None
 
 
 def materialize(trace: Trace, profile: ModelProfile) -> Workload:
@@ -84,6 +92,32 @@ class SweepInput:
     profile: ModelProfile
     workload: Workload
     marks: list[tuple[int, ...]]
+    arrivals_ms: list[float] | None = None  # each request's arrival, for the time model
+    cost: CostModel | None = None
+
+
+def _serve_all(peer: Any, shared: SweepInput) -> tuple[int, list, ServerClock | None]:
+    """Every request through ``peer``: tokens reused, the paged-out bytes' timeline, and the
+    time model's clock (None without cost figures)."""
+    workload = shared.workload
+    clock = ServerClock(shared.cost) if shared.cost is not None else None
+    arrivals = shared.arrivals_ms or [0.0] * len(workload)
+    stats = peer.cache.stats if isinstance(peer, KvtriePeer) else None
+    every = max(1, len(workload) // TIMELINE_POINTS)
+    timeline = []
+    cached = 0
+    for index, (prompt, evaluated) in enumerate(workload):
+        before = replace(stats) if clock is not None and stats is not None else None
+        reused = peer.serve(prompt, evaluated)
+        cached += reused
+        if peer.tracks_timeline and index % every == 0:
+            timeline.append((index, peer.bytes))
+        if clock is None:
+            continue
+        moved = moved_bytes(before, stats) if before is not None else {}
+        generated = len(evaluated) - len(prompt) + 1
+        clock.serve(str(index), arrivals[index], len(prompt), reused, generated=generated, **moved)
+    return cached, timeline, clock
 
 
 Cell = tuple[str, int | None, DiskTier | None]
@@ -106,16 +140,18 @@ def _cell(shared: SweepInput, cell: Cell) -> tuple[SweepRow, list]:
             profile=profile,
             marks=shared.marks,
             disk=disk,
+            time_cost=shared.cost,
         )
     except PeerUnavailable as why:
         return SweepRow(policy, budget, 0.0, 0, prompt_tokens, 0, 0.0, str(why), **tier), []
-    every = max(1, len(workload) // TIMELINE_POINTS)
-    timeline = []
-    cached = 0
-    for index, (prompt, evaluated) in enumerate(workload):
-        cached += peer.serve(prompt, evaluated)
-        if peer.tracks_timeline and index % every == 0:
-            timeline.append((index, peer.bytes))
+    cached, timeline, clock = _serve_all(peer, shared)
+    timed = {}
+    if clock is not None:
+        summary = clock.summary()
+        timed = {
+            "prefill_seconds": summary["prefill_seconds"] + summary["snapshot_seconds"],
+            "ttft_p95_seconds": summary["ttft_seconds"]["p95"],
+        }
     row = SweepRow(
         policy,
         budget,
@@ -126,6 +162,7 @@ def _cell(shared: SweepInput, cell: Cell) -> tuple[SweepRow, list]:
         time.perf_counter() - started,
         **tier,
         disk_peak_bytes=peer.disk_peak_bytes,
+        **timed,
     )
     return row, timeline
 
@@ -139,11 +176,14 @@ def run_sweep(
     progress: bool | None = None,
     marks: list[tuple[int, ...]] | None = None,
     disk_budgets: list[int | None] | None = None,
+    arrivals_ms: list[float] | None = None,
+    cost: CostModel | None = None,
 ) -> tuple[list[SweepRow], dict[str, list]]:
     """Every (policy, budget) cell, on ``executor`` (default: every core of this machine);
     rows in policy then budget order, the same whichever executor ran them. ``marks`` are each
     request's user restore points (only kvtrie's policies use them). ``disk_budgets`` adds,
-    for kvtrie's policies, a cell for each RAM budget with each disk tier."""
+    for kvtrie's policies, a cell for each RAM budget with each disk tier. With ``cost``, each
+    row has the time model's prefill seconds and TTFT p95 at ``arrivals_ms``."""
     from tqdm import tqdm
 
     unknown = [p for p in policies if p not in ALL_POLICIES]
@@ -160,7 +200,7 @@ def run_sweep(
         for b in budgets
         for d in disk_budgets or []
     ]
-    shared = SweepInput(profile, workload, marks or [()] * len(workload))
+    shared = SweepInput(profile, workload, marks or [()] * len(workload), arrivals_ms, cost)
     # the longest cells first, so the workers are not left waiting on one at the end
     cells.sort(key=lambda c: (c[0] not in ("belady", "vllm-blocks", *KVTRIE_PEERS),))
     rows, timelines = [], {}
@@ -208,14 +248,15 @@ def _row_for(rows: list[SweepRow], policy: str, budget: int | None) -> SweepRow 
 
 
 def _disk_grid(
-    rows: list[SweepRow], policy: str, budgets: list[int | None]
-) -> tuple[list[int | None], list[list[float]]]:
-    """A kvtrie policy's hit ratios by disk budget (rows) and RAM budget (columns)."""
+    rows: list[SweepRow], policy: str, budgets: list[int | None], value: str = "hit_ratio"
+) -> tuple[list[int | None], list[list[Any]]]:
+    """A kvtrie policy's ``value`` (a row's field) by disk budget (rows) and RAM budget
+    (columns)."""
     disks = list(dict.fromkeys(r.disk_budget_bytes for r in rows if r.disk_tier))
     grid = []
     for disk in disks:
         by_ram = {
-            r.budget_bytes: r.hit_ratio
+            r.budget_bytes: getattr(r, value)
             for r in rows
             if r.policy == policy and r.disk_tier and r.disk_budget_bytes == disk
         }
@@ -223,31 +264,44 @@ def _disk_grid(
     return disks, grid
 
 
+# what the tables show: a row's field, its heading, how a value is written
+_MEASURES = (
+    ("hit_ratio", "hit ratio", lambda v: f"{v:.4f}"),
+    ("ttft_p95_seconds", "estimated TTFT p95", format_duration),
+)
+
+
+def _timed(rows: list[SweepRow]) -> bool:
+    return any(r.ttft_p95_seconds is not None for r in rows)
+
+
 def _disk_markdown(rows: list[SweepRow], budgets: list[int | None]) -> str:
     out = []
     for policy in dict.fromkeys(r.policy for r in rows if r.disk_tier):
-        disks, grid = _disk_grid(rows, policy, budgets)
-        head = "| disk \\ RAM | " + " | ".join(_budget_label(b) for b in budgets) + " |"
-        lines = [head, "|---" * (len(budgets) + 1) + "|"]
-        for disk, ratios in zip(disks, grid):
-            lines.append(
-                f"| {_budget_label(disk)} | " + " | ".join(f"{r:.4f}" for r in ratios) + " |"
-            )
-        out.append(f"\n{policy}: hit ratio with a disk tier\n\n" + "\n".join(lines) + "\n")
+        for value, heading, written in _MEASURES[: 1 + _timed(rows)]:
+            disks, grid = _disk_grid(rows, policy, budgets, value)
+            head = "| disk \\ RAM | " + " | ".join(_budget_label(b) for b in budgets) + " |"
+            lines = [head, "|---" * (len(budgets) + 1) + "|"]
+            for disk, cells in zip(disks, grid):
+                lines.append(f"| {_budget_label(disk)} | " + " | ".join(map(written, cells)) + " |")
+            out.append(f"\n{policy}: {heading} with a disk tier\n\n" + "\n".join(lines) + "\n")
     return "".join(out)
 
 
 def _markdown(rows: list[SweepRow], budgets: list[int | None]) -> str:
     policies = list(dict.fromkeys(r.policy for r in rows))
     head = "| policy | " + " | ".join(_budget_label(b) for b in budgets) + " |"
-    lines = [head, "|---" * (len(budgets) + 1) + "|"]
-    for policy in policies:
-        cells = []
-        for budget in budgets:
-            row = _row_for(rows, policy, budget)
-            cells.append(f"{row.hit_ratio:.4f}" if row else "-")
-        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
-    return "hit ratio by budget\n\n" + "\n".join(lines) + "\n" + _disk_markdown(rows, budgets)
+    tables = []
+    for value, heading, written in _MEASURES[: 1 + _timed(rows)]:
+        lines = [head, "|---" * (len(budgets) + 1) + "|"]
+        for policy in policies:
+            cells = []
+            for budget in budgets:
+                row = _row_for(rows, policy, budget)
+                cells.append(written(getattr(row, value)) if row else "-")
+            lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+        tables.append(f"{heading} by budget\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(tables) + _disk_markdown(rows, budgets)
 
 
 def _plots(
@@ -340,23 +394,32 @@ def _plots(
 def _heat_map(
     path: Path, rows: list[SweepRow], budgets: list[int | None], policy: str, title: str
 ) -> None:
-    """The hit ratio over RAM budget x disk budget, each cell labelled with its value."""
+    """The hit ratio over RAM budget x disk budget, each cell labelled with its value; beside
+    it, with cost figures, the estimated TTFT p95 (its colours reversed: lower is better)."""
     import matplotlib.pyplot as plt
 
-    disks, grid = _disk_grid(rows, policy, budgets)
-    fig, ax = plt.subplots(figsize=(1.3 * len(budgets) + 3, 0.7 * len(disks) + 2.5))
-    image = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=0)
-    light = 0.6 * max(max(ratios) for ratios in grid)  # viridis is light above this: dark text
-    for i, ratios in enumerate(grid):
-        for j, ratio in enumerate(ratios):
-            color = "black" if ratio > light else "white"
-            ax.text(j, i, f"{ratio:.3f}", ha="center", va="center", color=color, fontsize=8)
-    ax.set_xticks(range(len(budgets)), [_budget_label(b) for b in budgets])
-    ax.set_yticks(range(len(disks)), [_budget_label(d) for d in disks])
-    ax.set_xlabel("RAM budget")
-    ax.set_ylabel("disk budget")
-    ax.set_title(f"{policy} hit ratio, RAM x disk: {title}")
-    fig.colorbar(image, ax=ax, label="hit ratio")
+    measures = _MEASURES[: 1 + _timed(rows)]
+    disks = _disk_grid(rows, policy, budgets)[0]
+    fig, axes = plt.subplots(
+        1,
+        len(measures),
+        figsize=(len(measures) * (1.3 * len(budgets) + 3), 0.7 * len(disks) + 2.5),
+        squeeze=False,
+    )
+    for ax, (value, heading, written) in zip(axes[0], measures):
+        grid = np.array(_disk_grid(rows, policy, budgets, value)[1], dtype=float)
+        hit = value == "hit_ratio"
+        image = ax.imshow(grid, cmap="viridis" if hit else "viridis_r", aspect="auto", vmin=0)
+        light = 0.6 * grid.max()  # viridis is light above this (viridis_r below): dark text
+        for (i, j), cell in np.ndenumerate(grid):
+            color = "black" if (cell > light) == hit else "white"
+            ax.text(j, i, written(cell), ha="center", va="center", color=color, fontsize=8)
+        ax.set_xticks(range(len(budgets)), [_budget_label(b) for b in budgets])
+        ax.set_yticks(range(len(disks)), [_budget_label(d) for d in disks])
+        ax.set_xlabel("RAM budget")
+        ax.set_ylabel("disk budget")
+        ax.set_title(f"{policy} {heading}, RAM x disk: {title}", fontsize=9)
+        fig.colorbar(image, ax=ax, label=heading if hit else f"{heading} (s)")
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

@@ -37,10 +37,11 @@ class Rig:
         store=None,
         disk_budget=None,
         counts_live: bool = False,
+        estimate_seconds=None,
     ) -> None:
         from kvtrie.backends.fake import FakeBackend
         from kvtrie.core import PrefixCache
-        from kvtrie.core.prefix_cache import POLICIES
+        from kvtrie.core.policy import parse_policy
         from kvtrie.sim.runner import CheckMode, RequestRunner
 
         self.backend = FakeBackend(fake_profile(profile))
@@ -50,11 +51,12 @@ class Rig:
         self.cache = PrefixCache(
             self.layers,
             budget_bytes=budget,
-            policy=POLICIES[policy],
+            policy=parse_policy(policy),
             clock=itertools.count(1).__next__,
             store=store,
             disk_budget_bytes=disk_budget,
             budget_counts_live=counts_live,
+            estimate_seconds=estimate_seconds,
         )
         self.runner = RequestRunner(self.backend, self.cache, CheckMode(full=True))
 
@@ -97,8 +99,9 @@ class Rig:
 @pytest.fixture
 def rig():
     """Factory: ``rig(profile="mixed", budget=None, policy="kvtrie-seed", store=None,
-    disk_budget=None, counts_live=False)``; a store (or a function of the rig's backend that
-    makes one) adds a disk tier; ``counts_live``: the budget holds the live layers too."""
+    disk_budget=None, counts_live=False, estimate_seconds=None)``; a store (or a function of
+    the rig's backend that makes one) adds a disk tier; ``counts_live``: the budget holds the
+    live layers too; the policy is spelled as ``--policy`` takes it."""
 
     def make(
         profile: str = "mixed",
@@ -107,7 +110,8 @@ def rig():
         store=None,
         disk_budget: int | None = None,
         counts_live: bool = False,
+        estimate_seconds=None,
     ):
-        return Rig(profile, budget, policy, store, disk_budget, counts_live)
+        return Rig(profile, budget, policy, store, disk_budget, counts_live, estimate_seconds)
 
     return make

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from third_party import third_party
 
 from kvtrie.sim.cli import main
@@ -84,3 +85,23 @@ def test_replay_on_the_mlx_backend_runs_clean(tmp_path):
             == 0
         )
         assert json.loads(report.read_text())["violations"] == []
+
+
+def test_bench_time_model_quick_validates_two_models_and_times_mooncake(tmp_path):
+    third_party("mooncake")
+    out = tmp_path / "bench.json"
+    code = main(["bench", "time-model", "--quick", "--report", str(out)])
+    results = json.loads(out.read_text())
+    assert code == (0 if results["targets_met"] else 1)  # the targets are the bench's verdict
+    assert [v["model"] for v in results["validation"]] == ["tiny-attention", "tiny-hybrid"]
+    for row in results["validation"]:
+        assert row["measured_seconds"] > 0 and row["estimated_seconds"] > 0
+        error = abs(row["estimated_seconds"] - row["measured_seconds"]) / row["measured_seconds"]
+        assert row["total_error"] == pytest.approx(error)
+        assert set(row["targets_met"]) == {"total_error", "median_error", "p90_error"}
+    rows = results["mooncake_llama_8b_m4"]
+    assert [r["setup"] for r in rows] == ["no cache", "8GiB", "8GiB+1TiB disk"]
+    # more reuse, fewer prefill hours: no cache > RAM > RAM with a disk tier
+    assert rows[0]["hit_ratio"] < rows[1]["hit_ratio"] < rows[2]["hit_ratio"]
+    assert rows[0]["prefill_hours"] > rows[1]["prefill_hours"] > rows[2]["prefill_hours"]
+    assert rows[1]["disk_read_seconds"] == 0 < rows[2]["disk_read_seconds"]

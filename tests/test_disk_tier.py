@@ -40,6 +40,37 @@ def test_a_prefix_evicted_from_ram_is_served_from_disk(rig):
     assert stats.disk_read_bytes == NODE
 
 
+def _slow_disk(cached, prompt, disk_bytes):
+    """A disk of one byte a second against a second a token of prefill: reading never pays."""
+    return disk_bytes + (prompt - cached)
+
+
+def _fast_disk(cached, prompt, disk_bytes):
+    return disk_bytes / 1e9 + (prompt - cached)
+
+
+@pytest.mark.parametrize(
+    "policy, estimate, served, skipped",
+    [
+        ("kvtrie-improved", _slow_disk, 0, 1),
+        ("kvtrie-improved", _fast_disk, 31, 0),
+        ("kvtrie-improved", None, 31, 0),  # no estimate: read what matched
+        ("kvtrie-improved,-read-or-recompute", _slow_disk, 31, 0),
+    ],
+)
+def test_a_disk_read_estimated_slower_than_recomputing_is_recomputed(
+    rig, policy, estimate, served, skipped
+):
+    r = rig("kv", budget=40 * KV, policy=policy, store=SimulatedDisk(), estimate_seconds=estimate)
+    for first in (100, 200, 300):
+        r.run(conversation(first), [1, 2])
+    assert [n.tokens[0] for n in r.cache.nodes() if n.on_disk] == [100]
+    assert r.run(conversation(100) + [1, 7]).cached_tokens == served  # the oracle checks it
+    stats = r.cache.stats
+    assert stats.disk_reads_skipped == skipped
+    assert stats.disk_page_ins == (1 if served else 0)
+
+
 def test_the_disk_tier_evicts_its_least_recently_used_node(rig):
     r = rig("kv", budget=0, store=SimulatedDisk(), disk_budget=2 * NODE)
     for first in (100, 200, 300):
@@ -132,9 +163,21 @@ def test_ram_and_disk_hit_at_least_one_ram_tier_of_their_sum(tmp_path):
     both = replay_child("--budget", "1GiB", "--disk-budget", "8GiB")
     one = replay_child("--budget", "9GiB")
     assert both["hit_ratio"] >= one["hit_ratio"] - 0.002
-    unbounded = replay_child("--budget", "1GiB", "--disk-budget", "inf")
+    # reading every match from an unbounded disk tier reuses what an infinite cache would
+    reads_all = ("--policy", "kvtrie-improved,-read-or-recompute")
+    unbounded = replay_child("--budget", "1GiB", "--disk-budget", "inf", *reads_all)
     assert unbounded["cached_tokens"] == unbounded["ideal_cached_tokens"]
     assert unbounded["peak_paged_out_bytes"] <= 1 << 30
+    # weighing each read against recomputing (the default) gives up a few tokens where the
+    # time model says reading a long node for them is slower, and never costs seconds
+    weighed = replay_child("--budget", "1GiB", "--disk-budget", "inf")
+    assert weighed["disk_tier"]["reads_skipped"] > 0
+    assert weighed["cached_tokens"] < unbounded["cached_tokens"]
+
+    def seconds(report):
+        return report["time_model"]["prefill_seconds"] + report["time_model"]["snapshot_seconds"]
+
+    assert seconds(weighed) < seconds(unbounded)
 
 
 def test_without_a_disk_tier_the_report_says_none(tmp_path):

@@ -20,7 +20,18 @@ from kvtrie.sim.timing import ServerClock
 from kvtrie.sim.traces import write_trace
 
 COST = CostModel(
-    "test", "tiny-attention", "a test machine", "made up", 0.5, 0.01, 0.001, 0.1, 1000.0, 2000.0
+    "test",
+    "tiny-attention",
+    "a test machine",
+    "made up",
+    0.5,
+    0.01,
+    0.001,
+    0.1,
+    1000.0,
+    2000.0,
+    disk_read_bytes_per_second=100.0,
+    disk_write_bytes_per_second=50.0,
 )
 
 COST_TOML = """
@@ -34,6 +45,8 @@ prefill_seconds_per_token_context = 0.001
 decode_seconds_per_token = 0.1
 page_in_bytes_per_second = 1.0e10
 page_out_bytes_per_second = 2.0e10
+disk_read_bytes_per_second = 2.0e9
+disk_write_bytes_per_second = 1.0e9
 """
 
 
@@ -69,9 +82,32 @@ def test_requests_queue_in_arrival_order_behind_the_one_being_served():
     assert [r["request"] for r in summary["requests"]] == ["a", "b"]
 
 
+def test_a_page_in_from_disk_reads_its_files_first_and_moves_to_disk_are_written_aside():
+    clock = ServerClock(COST)
+    # 200 bytes read from disk (2 s at 100 B/s), then paged in (0.2 s); 100 bytes moved to
+    # disk (2 s at 50 B/s) by the background writer: not on the request's path
+    served = clock.serve(
+        "a",
+        0.0,
+        prompt=14,
+        cached=10,
+        paged_in_bytes=200,
+        paged_out_bytes=0,
+        generated=1,
+        disk_read_bytes=200,
+        disk_write_bytes=100,
+    )
+    assert served.disk_read_s == pytest.approx(2.0) and served.disk_write_s == pytest.approx(2.0)
+    assert served.ttft_s == pytest.approx(2.0 + 0.2 + 0.586)
+    summary = clock.summary()
+    assert summary["disk_read_seconds"] == pytest.approx(2.0)
+    assert summary["disk_write_seconds"] == pytest.approx(2.0)
+    assert summary["busy_seconds"] == pytest.approx(2.2 + 0.586)
+
+
 def test_a_time_scale_replays_arrivals_faster():
     clock = ServerClock(COST, time_scale=2.0)
-    assert clock.serve("a", 4000.0, 4, 0, 0, 0, 1).arrival_s == 2.0
+    assert clock.serve("a", 4000.0, 4, 0, 1).arrival_s == 2.0
 
 
 def test_the_shipped_figures_say_where_they_come_from():
@@ -144,6 +180,14 @@ def test_without_cost_figures_for_the_model_there_is_no_time_model(tmp_path, cap
         ),
         (("prefill_seconds_per_token = 0.01\n", ""), "is missing 'prefill_seconds_per_token'"),
         (
+            ("disk_read_bytes_per_second = 2.0e9\n", ""),
+            "is missing 'disk_read_bytes_per_second'",
+        ),
+        (
+            ("disk_write_bytes_per_second = 1.0e9", "disk_write_bytes_per_second = -1.0"),
+            "disk_write_bytes_per_second must be > 0",
+        ),
+        (
             ('machine = "my laptop"', 'machine = "my laptop"\nspeed = 3'),
             "costs.mine.speed: unknown key",
         ),
@@ -168,7 +212,10 @@ def test_a_bad_cost_file_is_exit_2_naming_the_file_and_the_key(tmp_path, capsys,
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--cost", "no-such-machine"], "neither a file nor a shipped entry (llama-8b-m4)"),
+        (
+            ["--cost", "no-such-machine"],
+            "neither a file nor a shipped entry (llama-8b-m4, llama-8b-m1-max)",
+        ),
         (["--time-scale", "0"], "--time-scale must be a number > 0"),
         (["--time-scale", "nan"], "--time-scale must be a number > 0"),
     ],
@@ -179,7 +226,7 @@ def test_bad_time_options_are_exit_2(capsys, argv, message):
 
 
 def test_the_fit_recovers_the_coefficients_of_exact_timings():
-    truth = CostModel("t", "m", "x", "y", 0.01, 0.002, 1e-6, 0.1, 1.0, 1.0)
+    truth = CostModel("t", "m", "x", "y", 0.01, 0.002, 1e-6, 0.1, 1.0, 1.0, 1.0, 1.0)
     rows = [(c, n, truth.prefill_seconds(c, n)) for c in (0, 100, 400) for n in (8, 32, 128)]
     assert _fit(rows) == pytest.approx((0.01, 0.002, 1e-6), rel=1e-6)
     # a coefficient the timings make negative is dropped, not kept below zero
@@ -188,13 +235,18 @@ def test_the_fit_recovers_the_coefficients_of_exact_timings():
 
 
 def test_calibrate_writes_cost_figures_that_replay_reads_and_checks_against_mlx(tmp_path):
-    costs = tmp_path / "cost.toml"
-    assert (
-        kvtrie("calibrate", "--model", "tiny-attention", "--quick", "-q", "--out", str(costs)) == 0
-    )
+    costs, disk = tmp_path / "cost.toml", tmp_path / "disk"
+    disk.mkdir()
+    (disk / "mine.txt").write_text("a user's file")
+    argv = ["--model", "tiny-attention", "--quick", "-q", "--disk-dir", str(disk)]
+    assert kvtrie("calibrate", *argv, "--out", str(costs)) == 0
     (entry,) = load_costs(costs).values()
     assert entry.model == "tiny-attention" and entry.prefill_seconds_per_token > 0
     assert entry.decode_seconds_per_token > 0 and entry.page_in_bytes_per_second > 0
+    assert entry.disk_read_bytes_per_second > 0 and entry.disk_write_bytes_per_second > 0
+    assert str(disk) in entry.source
+    # the store it timed is gone; the folder's own files are untouched
+    assert [p.name for p in disk.iterdir()] == ["mine.txt"]
     assert len(tomllib.loads(costs.read_text())["calibration"][entry.name]["relative_error"]) == 9
     trace = tmp_path / "short.jsonl"
     lines = [
@@ -220,7 +272,58 @@ def test_the_fake_backend_has_no_measured_seconds_to_validate(tmp_path):
     assert all(r["measured_prefill_s"] is None for r in model["requests"])
 
 
+def test_calibrate_refuses_a_disk_dir_that_is_not_a_directory(tmp_path, capsys):
+    out, disk = tmp_path / "c.toml", tmp_path / "a_file"
+    disk.write_text("x")
+    argv = ["calibrate", "--model", "tiny-attention", "--disk-dir", str(disk), "--out", str(out)]
+    assert main(argv) == 2
+    assert f"--disk-dir: {disk} is not a directory" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_calibrate_refuses_an_unknown_model(tmp_path, capsys):
     assert main(["calibrate", "--model", "no-such-model", "--out", str(tmp_path / "c.toml")]) == 2
     assert "no-such-model" in capsys.readouterr().err
     assert not (tmp_path / "c.toml").exists()
+
+
+def test_a_sweep_cell_has_the_seconds_and_ttft_a_replay_of_it_reports(tmp_path):
+    trace, prompts = _conversation(tmp_path)
+    costs = tmp_path / "cost.toml"
+    costs.write_text(COST_TOML)
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(trace), "-q", "--processes", "1", "--out", str(out), "--cost", str(costs)]
+    assert main([*argv, "--policies", "none,kvtrie-improved", "--budgets", "inf"]) == 0
+    rows = {r["policy"]: r for r in json.loads((out / "sweep.json").read_text())["rows"]}
+    mine = load_costs(costs)["mine"]
+    assert rows["none"]["prefill_seconds"] == pytest.approx(
+        sum(mine.prefill_seconds(0, n) for n in prompts)
+    )
+    report_path = tmp_path / "report.json"
+    replay = ["replay", str(trace), "-q", "--policy", "improved", "--budget", "inf"]
+    assert main([*replay, "--cost", str(costs), "--report", str(report_path)]) == 0
+    model = json.loads(report_path.read_text())["time_model"]
+    improved = rows["kvtrie-improved"]
+    assert improved["prefill_seconds"] == pytest.approx(
+        model["prefill_seconds"] + model["snapshot_seconds"]
+    )
+    assert improved["ttft_p95_seconds"] == pytest.approx(model["ttft_seconds"]["p95"])
+    assert improved["ttft_p95_seconds"] < rows["none"]["ttft_p95_seconds"]
+    assert "estimated TTFT p95 by budget" in (out / "sweep.md").read_text()
+
+
+def test_a_sweep_without_cost_figures_has_no_seconds(tmp_path):
+    trace, _ = _conversation(tmp_path)
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(trace), "-q", "--processes", "1", "--out", str(out), "--budgets", "inf"]
+    assert main([*argv, "--policies", "none", "--model", "gemma-12b-swa"]) == 0
+    (row,) = json.loads((out / "sweep.json").read_text())["rows"]
+    assert row["prefill_seconds"] is None and row["ttft_p95_seconds"] is None
+    assert "TTFT" not in (out / "sweep.md").read_text()
+
+
+def test_a_sweep_refuses_a_bad_time_scale(tmp_path, capsys):
+    argv = ["sweep", "shared-prefix", "-q", "--out", str(tmp_path / "s"), "--time-scale", "-1"]
+    assert main(argv) == 2
+    assert "--time-scale must be a number > 0" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

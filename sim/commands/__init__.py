@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from ..traces import ReadOptions
 
 if TYPE_CHECKING:
+    from ..costs import CostModel
     from ..executors import Executor
 
 EXIT_OK, EXIT_VIOLATION, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -93,6 +94,38 @@ def read_options(args: argparse.Namespace) -> ReadOptions:
         concurrency=args.concurrency,
         arrival_seed=args.arrival_seed,
     )
+
+
+def add_time_options(parser: argparse.ArgumentParser) -> None:
+    """--cost and --time-scale: the time model's figures and the arrivals' pace."""
+    timing = parser.add_argument_group("seconds: the time model")
+    timing.add_argument(
+        "--cost",
+        default=None,
+        metavar="NAME|FILE",
+        help="cost figures: a shipped entry (llama-8b-m4, llama-8b-m1-max) or a TOML file with one "
+        "[costs.NAME] table (see backends/costs.toml for the form; kvtrie calibrate writes "
+        "one); default: the shipped entry for the model, if there is one. Estimated prefill "
+        "seconds with and without the cache and TTFT under the trace's arrival times go in "
+        "the report",
+    )
+    timing.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="replay the trace's arrivals S times faster (0.5: twice as slow; default 1)",
+    )
+
+
+def read_time_options(args: argparse.Namespace, model: str) -> CostModel | None:
+    """The cost figures ``--cost`` names for ``model`` (None: no time model); a bad
+    ``--time-scale`` or cost file is a UsageError."""
+    from ..costs import cost_for
+
+    if not (args.time_scale > 0 and args.time_scale < float("inf")):
+        raise UsageError(f"--time-scale must be a number > 0, got {args.time_scale}")
+    return cost_for(model, args.cost)
 
 
 def positive(option: str, value: int | None) -> None:

@@ -24,10 +24,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "prompt cache, all as ratios measured in one run. "
         "crash: kill -9 a replay writing a disk store at random points, reopen the store and "
         "replay with every check on after each; counts wrong states, points over the disk "
-        "budget and leaked files (all must be 0).",
+        "budget and leaked files (all must be 0). "
+        "time-model: calibrate small-attention and small-hybrid, replay a different "
+        "workload on MLX and compare every request's estimated seconds with the measured "
+        "(targets: total within 5 %%, median 10 %%, p90 25 %%); then Mooncake's prefill hours "
+        "and TTFT with llama-8b-m4's figures, no cache, 8 GiB, 8 GiB + 1 TiB disk.",
     )
     bench.add_argument(
-        "suite", choices=["replay", "eviction", "mlx", "crash"], help="what to measure"
+        "suite",
+        choices=["replay", "eviction", "mlx", "crash", "time-model"],
+        help="what to measure",
     )
     bench.add_argument(
         "--points",
@@ -40,7 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--quick",
         action="store_true",
         help="a short run: replay the first 1000 requests; mlx with tiny models "
-        "and 512-token prompts; crash on the agent trace, 5 points",
+        "and 512-token prompts; crash on the agent trace, 5 points; time-model on tiny "
+        "models, the quick grid and 500 Mooncake requests",
     )
     bench.add_argument("--report", type=Path, help="write the JSON results here")
     bench.set_defaults(func=run)
@@ -100,6 +107,27 @@ def _crash(args: argparse.Namespace) -> dict:
     return results
 
 
+def _print_time_model(results: dict) -> None:
+    from ..report import format_duration
+
+    for row in results["validation"]:
+        met = all(row["targets_met"].values())
+        print(
+            f"time model on {row['model']}: estimated {row['estimated_seconds']:.2f} s, "
+            f"measured {row['measured_seconds']:.2f} s; total error {row['total_error']:.1%}, "
+            f"per request median {row['median_error']:.1%}, p90 {row['p90_error']:.1%} "
+            f"(calibration fit median {row['fit_median_error']:.1%}); "
+            f"targets {'met' if met else 'MISSED'}"
+        )
+    for row in results["mooncake_llama_8b_m4"]:
+        ttft = row["ttft_seconds"]
+        print(
+            f"  mooncake, llama-8b-m4, {row['setup']}: hit ratio {row['hit_ratio']:.4f}, "
+            f"prefill {row['prefill_hours']:,.1f} h, TTFT p50 {format_duration(ttft['p50'])}, "
+            f"p99 {format_duration(ttft['p99'])}"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from ..bench import bench_eviction, bench_mlx, bench_replay
     from ..build import trace_path
@@ -109,11 +137,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.report is not None:
             check_output("--report", args.report)
-        mooncake = trace_path("mooncake") if args.suite == "replay" else None
+        mooncake = trace_path("mooncake") if args.suite in ("replay", "time-model") else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     clean = True
-    if mooncake is not None:
+    if args.suite == "time-model":
+        from ..timebench import bench_time_model
+
+        results = bench_time_model(quick=args.quick)
+        _print_time_model(results)
+        clean = results["targets_met"]
+    elif mooncake is not None:
         results = bench_replay(mooncake, quick=args.quick)
         print(
             f"replay bench: {results['requests']} requests, {results['prompt_tokens']:,} prompt "

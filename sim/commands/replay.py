@@ -26,9 +26,11 @@ from . import (
     EXIT_OK,
     EXIT_VIOLATION,
     UsageError,
+    add_time_options,
     common_options,
     positive,
     read_options,
+    read_time_options,
     trace_options,
 )
 
@@ -82,23 +84,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="run with a named mutant of the cache (a regression trace the fuzzer wrote for "
         "a mutant names it in its header and replays with it; 'none' replays the real code)",
     )
-    timing = replay.add_argument_group("seconds: the time model")
-    timing.add_argument(
-        "--cost",
-        default=None,
-        metavar="NAME|FILE",
-        help="cost figures: a shipped entry (llama-8b-m4) or a TOML file with one "
-        "[costs.NAME] table (see backends/costs.toml for the form); default: the shipped "
-        "entry for the model, if there is one. Estimated prefill seconds with and without "
-        "the cache and TTFT p50/p95/p99 under the trace's arrival times go in the report",
-    )
-    timing.add_argument(
-        "--time-scale",
-        type=float,
-        default=1.0,
-        metavar="S",
-        help="replay the trace's arrivals S times faster (0.5: twice as slow; default 1)",
-    )
+    add_time_options(replay)
     replay.add_argument("--report", type=Path, help="write the JSON report here")
     replay.add_argument("--markdown", type=Path, help="write a Markdown summary here")
     replay.add_argument("-q", "--quiet", action="store_true", help="no summary, no progress bar")
@@ -226,7 +212,6 @@ def _check_disk_events(trace: Trace, disk: DiskTier | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..costs import cost_for
     from ..mutants import MUTANTS, mutated
     from ..outputs import check_output, write_output
     from ..replay import replay, skipped_history
@@ -250,23 +235,19 @@ def run(args: argparse.Namespace) -> int:
         mutant = None if args.mutant == "none" else args.mutant or header.get("mutant")
         if mutant is not None and mutant not in MUTANTS:
             raise UsageError(f"unknown mutant {mutant!r}; choose one of {', '.join(MUTANTS)}")
-        if not (args.time_scale > 0 and args.time_scale < float("inf")):
-            raise UsageError(f"--time-scale must be a number > 0, got {args.time_scale}")
-        cost = cost_for(model, args.cost)
+        cost = read_time_options(args, model)
         backend = make_backend(backend_name, model)
         trace = load_trace(path, vocab_size=backend.vocab_size, options=read_options(args))
         _check_disk_events(trace, disk)
         if args.start > len(trace.requests):
-            raise UsageError(
-                f"--start {args.start}: the trace has {len(trace.requests)} requests"
-            )
+            raise UsageError(f"--start {args.start}: the trace has {len(trace.requests)} requests")
         skipped_history(trace, args.start, backend.vocab_size)  # a bad start found now
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     with mutated(mutant):  # built under the mutant: some patch choices made at construction
         try:
             counts_live = args.budget_counts_live or header.get("budget_counts_live", False)
-            cache = make_cache(backend, budget, policy, disk, counts_live)
+            cache = make_cache(backend, budget, policy, disk, counts_live, cost)
         except StoreError as exc:
             raise UsageError(str(exc)) from None
         progress = False if args.quiet else None

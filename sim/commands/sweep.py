@@ -10,11 +10,13 @@ from ..build import parse_size, trace_inputs, trace_path
 from . import (
     EXIT_OK,
     UsageError,
+    add_time_options,
     common_options,
     executor_options,
     open_executor,
     positive,
     read_options,
+    read_time_options,
     trace_options,
 )
 
@@ -58,6 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     executor_options(sweep)
     sweep.add_argument("--out", type=Path, default=Path("sweep-out"), help="output folder")
+    add_time_options(sweep)
     sweep.add_argument("-q", "--quiet", action="store_true", help="no table, no progress bar")
     sweep.set_defaults(func=run)
 
@@ -91,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         path = trace_path(args.trace)
         check_output_dir("--out", args.out, SWEEP_FILES, trace_inputs(path))
         profile = get_profile(args.model)
+        cost = read_time_options(args, profile.name)
         trace = load_trace(path, vocab_size=profile.vocab_size, options=read_options(args))
         if args.limit is not None:
             trace.requests = trace.requests[: args.limit]
@@ -111,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
             progress=False if args.quiet else None,
             marks=marks,
             disk_budgets=disk_budgets,
+            arrivals_ms=[r.arrival_ms / args.time_scale for r in trace.requests],
+            cost=cost,
         )
     meta = {
         "trace": trace.path,
@@ -119,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         "model": profile.name,
         "requests": len(workload),
         "executor": args.executor,
+        "cost": cost.name if cost is not None else None,
+        "time_scale": args.time_scale,
         "wall_seconds": time.perf_counter() - started,
     }
     files = write_sweep(args.out, meta, rows, budgets, timelines)
