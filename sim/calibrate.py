@@ -49,6 +49,13 @@ class Calibration:
     def errors(self) -> list[float]:
         return [abs(fit - measured) / measured for _, _, measured, fit in self.points]
 
+    @property
+    def fit_error(self) -> tuple[float, float]:
+        """The fit's relative error over the grid: its median (the upper one of an even
+        count) and its largest."""
+        errors = sorted(self.errors)
+        return errors[len(errors) // 2], errors[-1]
+
 
 def _fit(rows: list[tuple[int, int, float]]) -> tuple[float, float, float]:
     """Least-squares ``a, b, c`` of ``seconds = a + b*n + c*attended`` in relative error (each

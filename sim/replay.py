@@ -120,7 +120,7 @@ def replay(
             stopped = True
             break
         prompt = resolve_prompt(request, history, backend.vocab_size)
-        before = replace(cache.stats)
+        before = replace(cache.stats) if clock is not None else None  # the time model's bytes
         try:
             result = runner.run(prompt, request.outputs, request.user_snapshots)
         except (AssertionError, ValueError) as exc:

@@ -7,9 +7,8 @@ through the cache on the real MLX backend with those figures, :data:`REPLAYS` ti
 request's estimated seconds (switch and prefill) are compared with the median of the seconds
 it took (one replay's total moves by about 6 % from the next on this project's 2-core
 machine, with the same figures, so a single run measures the machine as much as the model).
-The targets are the
-published error of serving simulators' own validations: total within 5 %, per-request median
-at most 10 %, 90th percentile at most 25 %.
+The targets are the published error of serving simulators' own validations: total within 5 %,
+per-request median at most 10 %, 90th percentile at most 25 %.
 
 Mooncake: the production trace on the fake llama-8b with the shipped ``llama-8b-m4`` figures,
 at 8 GiB of RAM and at 8 GiB with a 1 TiB disk tier (the improved policy); the no-cache
@@ -87,12 +86,12 @@ def _validate(model: str, grid: str, trace: Path, folder: Path) -> dict[str, Any
         for same in zip(*runs)
     ]
     validation = validation_errors(estimated, measured)
-    errors = sorted(calibration.errors)
+    fit_median, fit_max = calibration.fit_error
     return {
         "model": model,
         "cost": calibration.cost.describe(),
-        "fit_median_error": errors[len(errors) // 2],
-        "fit_max_error": errors[-1],
+        "fit_median_error": fit_median,
+        "fit_max_error": fit_max,
         "replays": len(runs),
         **validation,
         # each request's estimated and (median) measured seconds

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     write_output(args.out, calibration_toml(result))
     load_costs(args.out)  # what --cost will read: it must read back
     cost = result.cost
-    errors = sorted(result.errors)
+    median, largest = result.fit_error
     print(
         f"{cost.name}: prefill {cost.prefill_fixed_seconds:.3g} s + {cost.prefill_seconds_per_token:.3g} s/token "
         f"+ {cost.prefill_seconds_per_token_context:.3g} s/(token x context); decode "
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         f"{cost.page_in_bytes_per_second / 1e9:.2f} GB/s; disk read "
         f"{cost.disk_read_bytes_per_second / 1e9:.2f} GB/s, write "
         f"{cost.disk_write_bytes_per_second / 1e9:.2f} GB/s; fit error median "
-        f"{errors[len(errors) // 2]:.1%}, max {errors[-1]:.1%} over {len(errors)} points"
+        f"{median:.1%}, max {largest:.1%} over {len(result.points)} points"
     )
     print(f"wrote {args.out}")
     return EXIT_OK
