@@ -1,15 +1,20 @@
 """Servers the tests start on 127.0.0.1 with a free port, wait for with bounded loops, and
-stop: mlx_lm.server with a tiny local model directory, and ``kvtrie record`` in front of it."""
+stop: mlx_lm.server with a tiny local model directory, ``kvtrie record`` in front of it, and
+small HTTP servers in this process."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -19,6 +24,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
+
+
+class _JoinedServer(http.server.ThreadingHTTPServer):
+    """Its request threads are joined when it closes: a handler still running (one that
+    sleeps past its client's timeout, say) finishes, and prints what it prints, inside the
+    test that started it, not in whichever test runs next."""
+
+    daemon_threads = False
+
+
+@contextlib.contextmanager
+def http_server(handler) -> Iterator[http.server.ThreadingHTTPServer]:
+    """An HTTP server with ``handler`` on 127.0.0.1 and a free port, serving from a thread
+    until the block ends, then shut down with its request threads finished."""
+    server = _JoinedServer((HOST, 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 def _wait(proc: subprocess.Popen, ready, what: str, timeout_s: float, log: Path) -> None:

@@ -9,11 +9,10 @@ import http.client
 import http.server
 import json
 import socket
-import threading
 import time
 
 import pytest
-from servers import HOST, free_port, start_mlx_server, start_recorder, stop
+from servers import HOST, free_port, http_server, start_mlx_server, start_recorder, stop
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("aiohttp")
@@ -209,29 +208,29 @@ class _Upstream(http.server.BaseHTTPRequestHandler):
 
 
 def test_an_upstream_error_passes_through_and_a_slow_one_is_a_502(tmp_path, upstream):
-    server = http.server.ThreadingHTTPServer((HOST, 0), _Upstream)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     model = upstream[0]
-    proc, port, out = _record(tmp_path, f"http://{HOST}:{server.server_port}", model,
-                              "--upstream-timeout", "1")
-    try:
-        client = _client(port)
-        ask = [{"role": "user", "content": "w10"}]
-        with pytest.raises(openai.APIStatusError) as error:
-            client.chat.completions.create(model="m", messages=ask)
-        assert error.value.status_code == 503
-        assert error.value.body["message"] == "overloaded, try later"
-        started = time.monotonic()
-        with pytest.raises(openai.APIStatusError) as error:
-            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "slow"}])
-        assert error.value.status_code == 502 and time.monotonic() - started < 2.9
-        with pytest.raises(openai.APIStatusError) as error:  # still serving
-            client.completions.create(model="m", prompt="w5")
-        assert error.value.status_code == 503
-        assert stop(proc) == 0
-    finally:
-        stop(proc)
-        server.shutdown()
+    with http_server(_Upstream) as server:
+        proc, port, out = _record(tmp_path, f"http://{HOST}:{server.server_port}", model,
+                                  "--upstream-timeout", "1")
+        try:
+            client = _client(port)
+            ask = [{"role": "user", "content": "w10"}]
+            with pytest.raises(openai.APIStatusError) as error:
+                client.chat.completions.create(model="m", messages=ask)
+            assert error.value.status_code == 503
+            assert error.value.body["message"] == "overloaded, try later"
+            started = time.monotonic()
+            with pytest.raises(openai.APIStatusError) as error:
+                client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "slow"}]
+                )
+            assert error.value.status_code == 502 and time.monotonic() - started < 2.9
+            with pytest.raises(openai.APIStatusError) as error:  # still serving
+                client.completions.create(model="m", prompt="w5")
+            assert error.value.status_code == 503
+            assert stop(proc) == 0
+        finally:
+            stop(proc)
     header, *lines = _lines(out)
     assert header["format"] == "kvtrie-trace" and lines == []
 

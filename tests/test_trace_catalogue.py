@@ -7,11 +7,10 @@ from __future__ import annotations
 import functools
 import http.server
 import shutil
-import threading
 
 import numpy as np
 import pytest
-from servers import HOST, free_port
+from servers import HOST, free_port, http_server
 from third_party import third_party
 
 from kvtrie.sim.cli import main
@@ -47,12 +46,10 @@ def mirror(tmp_path, monkeypatch):
     shutil.copytree(source, root / "agentic")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer((HOST, 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("KVTRIE_TRACE_MIRROR", f"http://{HOST}:{server.server_port}")
-    monkeypatch.setenv("KVTRIE_CACHE_DIR", str(tmp_path / "cache"))
-    yield root
-    server.shutdown()
+    with http_server(handler) as server:
+        monkeypatch.setenv("KVTRIE_TRACE_MIRROR", f"http://{HOST}:{server.server_port}")
+        monkeypatch.setenv("KVTRIE_CACHE_DIR", str(tmp_path / "cache"))
+        yield root
 
 
 def test_traces_get_checks_every_file_and_the_name_then_resolves_to_the_cache(mirror, tmp_path):
