@@ -117,6 +117,22 @@ def test_the_shipped_figures_say_where_they_come_from():
     assert cost_for("tiny-mixed", None) is None  # no figures: no time model
 
 
+# llama-bench's prompt-processing rates (tokens/s) at four prompt lengths, as their sources
+# publish them: the fitted entries must give each one back
+PUBLISHED_PP = {
+    "llama-8b-m2-ultra": {512: 994.04, 1024: 1023.89, 4096: 979.47, 8192: 913.55},
+    "llama-8b-m3-max": {512: 693.32, 1024: 678.04, 4096: 573.09, 8192: 505.32},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PP))
+def test_a_fitted_entry_gives_its_published_prompt_rates_back(name):
+    cost = load_costs()[name]
+    for tokens, rate in PUBLISHED_PP[name].items():
+        estimated = cost.prefill_seconds(0, tokens)
+        assert estimated == pytest.approx(tokens / rate, rel=0.025), (name, tokens)
+
+
 def _conversation(tmp_path):
     path = tmp_path / "conv.jsonl"
     system = list(range(1, 200))
@@ -214,7 +230,8 @@ def test_a_bad_cost_file_is_exit_2_naming_the_file_and_the_key(tmp_path, capsys,
     [
         (
             ["--cost", "no-such-machine"],
-            "neither a file nor a shipped entry (llama-8b-m4, llama-8b-m1-max)",
+            "neither a file nor a shipped entry (llama-8b-m4, llama-8b-m1-max, llama-8b-m2-ultra, "
+            "llama-8b-m3-max)",
         ),
         (["--time-scale", "0"], "--time-scale must be a number > 0"),
         (["--time-scale", "nan"], "--time-scale must be a number > 0"),
