@@ -30,14 +30,14 @@ import numpy as np
 from .bench import median_seconds
 from .costs import CostModel, attended
 
-__all__ = ["Calibration", "GRIDS", "calibrate", "calibration_toml"]
+__all__ = ["Calibration", "GRIDS", "calibrate", "calibration_toml", "grid_steps"]
 
 # (cached context, new tokens) grids: the quick one for CI, the full one for a real fit
 GRIDS = {
     "quick": ([0, 64, 256], [8, 32, 128]),
     "full": ([0, 256, 1024, 2048], [16, 64, 256, 1024]),
 }
-REPEATS = {"quick": 2, "full": 3}
+REPEATS = {"quick": 2, "full": 5}  # rounds over the grid
 
 
 @dataclass
@@ -112,14 +112,29 @@ def _disk_seconds(
     return statistics.median(writes), statistics.median(reads)
 
 
+def grid_steps(grid: str) -> int:
+    """How many timings a grid takes: every point, once a round."""
+    contexts, news = GRIDS[grid]
+    return len(contexts) * len(news) * REPEATS[grid]
+
+
 def calibrate(
     model: str,
     grid: str = "quick",
     tick: Callable[[], Any] | None = None,
     disk_dir: Path | None = None,
+    between_rounds: Callable[[], Any] | None = None,
 ) -> Calibration:
     """Time ``model`` (an MLX model name or directory) on this machine; the disk tier's
-    bandwidth in ``disk_dir`` (default: the system's temporary folder)."""
+    bandwidth in ``disk_dir`` (default: the system's temporary folder).
+
+    The grid is timed in rounds, every point once a round, and each point's seconds are the
+    median over the rounds: a slow spell of a shared machine then lands on one round of every
+    point, not on every timing of a few (on this project's 2-core machine one point's
+    timings spread by up to 1.9x, and consecutive timings of one point are slow together).
+    ``between_rounds`` runs after each round (the bench times its validation replays there,
+    so that they and the grid see the same spells). Each context is evaluated once and
+    restored from its snapshots before each timing: the state a cache hit prefills from."""
     import mlx.core as mx
 
     from kvtrie.backends.mlx import MLXBackend
@@ -133,24 +148,37 @@ def calibrate(
     def tokens(count: int) -> np.ndarray:
         return rng.integers(5, backend.vocab_size, count).astype(np.int32)
 
-    def prefill_seconds(prefix: np.ndarray, new: np.ndarray) -> float:
-        """Seconds to evaluate ``new`` after ``prefix`` (untimed) on fresh caches."""
-        layers = backend.new_layers()
-        if len(prefix):
-            backend.evaluate(layers, prefix)
-        started = time.perf_counter()
-        backend.evaluate(layers, new)
-        return time.perf_counter() - started
+    def restored(layers: list[Any], snapshots: list[Any], end: int) -> None:
+        """``layers`` freed and given ``snapshots`` of ``end`` tokens back, evaluated."""
+        for layer, snapshot in zip(layers, snapshots):
+            layer.free()
+            if snapshot is not None:
+                layer.restore(snapshot, end)
+        mx.eval(*[a for layer in layers for a in arrays_of(layer.cache)])
 
     backend.evaluate(backend.new_layers(), tokens(8))  # the first call compiles
-    rows = []
+    prefixes = {}  # context -> its snapshots, evaluated once
     for cached in contexts:
-        for n in news:
-            prefix, new = tokens(cached), tokens(n)
-            measured = [prefill_seconds(prefix, new) for _ in range(repeats)]
-            rows.append((cached, n, statistics.median(measured)))
+        layers = backend.new_layers()
+        if cached:
+            backend.evaluate(layers, tokens(cached))
+        prefixes[cached] = [layer.snapshot(0) for layer in layers]
+    points = [(cached, n, tokens(n)) for cached in contexts for n in news]
+    timings: list[list[float]] = [[] for _ in points]
+    layers = backend.new_layers()
+    for _ in range(repeats):
+        for (cached, _n, new), seconds in zip(points, timings):
+            restored(layers, prefixes[cached], cached)
+            started = time.perf_counter()
+            backend.evaluate(layers, new)
+            seconds.append(time.perf_counter() - started)
             if tick:
                 tick()
+        if between_rounds:
+            between_rounds()
+    rows = [
+        (cached, n, statistics.median(seconds)) for (cached, n, _), seconds in zip(points, timings)
+    ]
     a, b, c = _fit(rows)
 
     layers = backend.new_layers()
@@ -158,10 +186,9 @@ def calibrate(
     one = tokens(1)
     decode = median_seconds(lambda: backend.evaluate(layers, one), 8 * repeats)
 
-    layers = backend.new_layers()
-    end = max(contexts) or 256
-    backend.evaluate(layers, tokens(end))
-    snapshots = [layer.snapshot(0) for layer in layers]
+    end = max(contexts)  # the largest context's snapshots: page-in, page-out and disk
+    snapshots = prefixes[end]
+    restored(layers, snapshots, end)
     nbytes = sum(s.nbytes for s in snapshots if s is not None)
 
     def page_out() -> None:
@@ -172,17 +199,14 @@ def calibrate(
 
     page_out_seconds = median_seconds(page_out, 4 * repeats)
 
-    def page_in() -> None:
-        for layer, snapshot in zip(layers, snapshots):
-            layer.free()
-            if snapshot is not None:
-                layer.restore(snapshot, end)
-        mx.eval(*[a for layer in layers for a in arrays_of(layer.cache)])
-
-    page_in_seconds = median_seconds(page_in, 4 * repeats)
+    page_in_seconds = median_seconds(lambda: restored(layers, snapshots, end), 4 * repeats)
     write_seconds, read_seconds = _disk_seconds(
         backend, lambda: [layer.snapshot(0) for layer in layers], disk_dir, 2 * repeats
     )
+    for taken in prefixes.values():
+        for snapshot in taken:
+            if snapshot is not None:
+                snapshot.close()
     cost = CostModel(
         name=f"{Path(model).name}-{platform.node() or 'this-machine'}",
         model=model,

@@ -1,12 +1,14 @@
 """``kvtrie bench time-model``: the time model checked against measured MLX runs on this
 machine, and its figures for Mooncake on a named one.
 
-Validation: each model is calibrated on its prefill grid (:mod:`kvtrie.sim.calibrate`), then a
+Validation: each model is calibrated on its prefill grid (:mod:`kvtrie.sim.calibrate`), and a
 different workload (a generated system-prompt trace, :data:`VALIDATION_TRACE`) is replayed
-through the cache on the real MLX backend with those figures, :data:`REPLAYS` times; every
-request's estimated seconds (switch and prefill) are compared with the median of the seconds
-it took (one replay's total moves by about 6 % from the next on this project's 2-core
-machine, with the same figures, so a single run measures the machine as much as the model).
+through the cache on the real MLX backend after each of the grid's rounds; every request's
+estimated seconds (switch and prefill, from the calibrated figures) are compared with the
+median of the seconds it took over those replays. The machine's speed drifts (on this
+project's 2-core machine one timing of a point spreads by up to 1.9x, in spells that last
+minutes), so replays timed after the calibration see other spells than the grid did;
+interleaved, both sample the same ones.
 The targets are the published error of serving simulators' own validations: total within 5 %,
 per-request median at most 10 %, 90th percentile at most 25 %.
 
@@ -41,7 +43,6 @@ VALIDATION_TRACE = [
     *("--set", "users=4", "--set", "turns=3", "--set", "system_tokens=384"),
     *("--set", "question_tokens=48", "--set", "output_tokens=8"),
 ]
-REPLAYS = {"full": 5, "quick": 1}
 MODELS = {"full": ("small-attention", "small-hybrid"), "quick": ("tiny-attention", "tiny-hybrid")}
 MOONCAKE_SETUPS = {
     "8GiB": ["--budget", "8GiB"],
@@ -67,20 +68,47 @@ def _replay_time_model(*argv: str, folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+# Figures for the replays timed between the calibration's rounds: those replays only measure
+# (a replay records its measured seconds beside its estimates, so it needs some figures);
+# the estimates compared come from one more replay with the calibrated figures.
+_MEASURING_FIGURES = """[costs.measuring]
+model = "{model}"
+machine = "this machine"
+source = "kvtrie bench time-model: placeholder figures, estimates unused"
+prefill_fixed_seconds = 0.0
+prefill_seconds_per_token_context = 0.0
+""" + "".join(
+    f"{key} = 1.0\n"
+    for key in (
+        "prefill_seconds_per_token",
+        "decode_seconds_per_token",
+        "page_in_bytes_per_second",
+        "page_out_bytes_per_second",
+        "disk_read_bytes_per_second",
+        "disk_write_bytes_per_second",
+    )
+)
+
+
 def _validate(model: str, grid: str, trace: Path, folder: Path) -> dict[str, Any]:
-    calibration = calibrate(model, grid)
-    costs = folder / f"{model}.toml"
-    costs.write_text(calibration_toml(calibration))
-    runs = [
-        _replay_time_model(
+    measuring = folder / "measuring.toml"
+    measuring.write_text(_MEASURING_FIGURES.format(model=model))
+
+    def replay(costs: Path) -> list[dict[str, Any]]:
+        return _replay_time_model(
             str(trace),
             *("--backend", "mlx", "--model", model, "--budget", "inf", "--policy", "improved"),
             *("--check", "off", "--cost", str(costs)),
             folder=folder,
         )["time_model"]["requests"]
-        for _ in range(REPLAYS[grid])
-    ]
-    estimated = [r["prefill_s"] + r["snapshot_s"] for r in runs[0]]
+
+    # one validation replay after each round of the grid: a slow spell of the machine then
+    # weighs on the grid and on the replays alike
+    runs: list[list[dict[str, Any]]] = []
+    calibration = calibrate(model, grid, between_rounds=lambda: runs.append(replay(measuring)))
+    costs = folder / f"{model}.toml"
+    costs.write_text(calibration_toml(calibration))
+    estimated = [r["prefill_s"] + r["snapshot_s"] for r in replay(costs)]
     measured = [
         statistics.median(r["measured_prefill_s"] + r["measured_switch_s"] for r in same)
         for same in zip(*runs)
@@ -92,6 +120,8 @@ def _validate(model: str, grid: str, trace: Path, folder: Path) -> dict[str, Any
         "cost": calibration.cost.describe(),
         "fit_median_error": fit_median,
         "fit_max_error": fit_max,
+        # the calibration's grid: cached context, new tokens, measured and fitted seconds
+        "grid": [list(point) for point in calibration.points],
         "replays": len(runs),
         **validation,
         # each request's estimated and (median) measured seconds

@@ -99,6 +99,8 @@ def test_bench_time_model_quick_validates_two_models_and_times_mooncake(tmp_path
         error = abs(row["estimated_seconds"] - row["measured_seconds"]) / row["measured_seconds"]
         assert row["total_error"] == pytest.approx(error)
         assert set(row["targets_met"]) == {"total_error", "median_error", "p90_error"}
+        # one validation replay after each of the calibration's rounds (the quick grid's 2)
+        assert row["replays"] == 2 and len(row["grid"]) == 9
     rows = results["mooncake_llama_8b_m4"]
     assert [r["setup"] for r in rows] == ["no cache", "8GiB", "8GiB+1TiB disk"]
     # more reuse, fewer prefill hours: no cache > RAM > RAM with a disk tier

@@ -14,6 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         parents=[common_options()],
         help="measure the time model's cost figures on this machine and model",
         description="Time the model's prefill over a grid of (cached context, new tokens), "
+        "in rounds (every point once a round, its median over the rounds, so a slow spell of "
+        "a shared machine weighs on one round, not on one point), "
         "fit a + b*n + c*(context attended) by least squares, time decode, snapshot "
         "page-in and page-out and the disk tier's reads and writes, and write the figures "
         "as a [costs.NAME] table that kvtrie replay --cost "
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..build import make_backend
-    from ..calibrate import GRIDS, calibrate, calibration_toml
+    from ..calibrate import calibrate, calibration_toml, grid_steps
     from ..costs import load_costs
     from ..outputs import check_output, write_output
 
@@ -54,11 +56,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--disk-dir: {args.disk_dir} is not a directory")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    contexts, news = GRIDS[grid]
     with tqdm(
-        total=len(contexts) * len(news),
+        total=grid_steps(grid),
         desc="calibrate",
-        unit="point",
+        unit="timing",
         disable=True if args.quiet else None,
     ) as bar:
         result = calibrate(args.model, grid, tick=bar.update, disk_dir=args.disk_dir)
