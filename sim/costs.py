@@ -15,7 +15,14 @@ from pathlib import Path
 
 from kvtrie.backends.profiles import read_toml, toml_table
 
-__all__ = ["DEFAULT_COSTS", "CostModel", "attended", "cost_for", "load_costs"]
+__all__ = [
+    "DEFAULT_COSTS",
+    "CostModel",
+    "attended",
+    "cost_for",
+    "cost_from_table",
+    "load_costs",
+]
 
 DEFAULT_COSTS = "costs.toml"  # shipped beside the profiles, in kvtrie.backends
 
@@ -88,8 +95,14 @@ class CostModel:
     def describe(self) -> dict[str, object]:
         return dict(vars(self))
 
+    def as_table(self) -> dict[str, object]:
+        """The figures as a ``[costs.NAME]`` table holds them (a trace header's ``cost``)."""
+        return {key: value for key, value in vars(self).items() if key != "name"}
 
-def _entry(name: str, table: object, where: str) -> CostModel:
+
+def cost_from_table(name: str, table: object, where: str) -> CostModel:
+    """The figures of one ``[costs.NAME]`` table (or a trace header's ``cost``, the same
+    keys); a ValueError names ``where`` and the key."""
     keys = (*_TEXT, *_RATES, *_NON_NEGATIVE)
     table = toml_table(table, f"{where}: costs.{name}", set(keys))
     missing = [key for key in keys if key not in table]
@@ -124,7 +137,7 @@ def load_costs(path: Path | None = None) -> dict[str, CostModel]:
         raise ValueError(
             f"{source}: no [costs.NAME] table (the shipped {DEFAULT_COSTS} has the form)"
         )
-    return {name: _entry(name, table, source) for name, table in tables.items()}
+    return {name: cost_from_table(name, table, source) for name, table in tables.items()}
 
 
 def cost_for(model: str, cost: str | None) -> CostModel | None:

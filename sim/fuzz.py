@@ -4,7 +4,9 @@ The machine serves conversations that share prefixes on purpose (a Bundle of eve
 evaluated so far), branches from earlier turns, marks user restore points, moves the budget
 down to zero, and injects restore failures and corrupt snapshots; half its caches have a disk
 tier, whose budget it moves too, whose writes it makes fail, whose stored snapshots it cuts
-short, and which it restarts from (the live state and RAM lost, the disk tier adopted). After every step it checks
+short, which it restarts from (the live state and RAM lost, the disk tier adopted), and
+whose reads most of them weigh against recomputing (read-or-recompute, with figures drawn
+per example: a cut match must restore exactly too). After every step it checks
 every structural invariant, the oracle (the live state equals a fresh prefill), that no
 snapshot leaked or was closed twice, and that no restore failed without an injected fault.
 A failure is shrunk by Hypothesis and written as a kvtrie trace that ``kvtrie replay``
@@ -43,6 +45,7 @@ from kvtrie.core.prefix_cache import POLICIES, CacheStats
 from kvtrie.core.trie import walk
 
 from .build import DiskTier, make_backend, make_cache, make_policy
+from .costs import CostModel
 from .mutants import mutated
 from .runner import CheckMode, RequestRunner
 from .traces import Event, write_trace
@@ -137,6 +140,32 @@ POLICY_SPELLINGS = st.builds(
 )
 
 
+# How fast the fuzzed disk tier reads, in tokens' worth of snapshot bytes a second, against
+# recomputing one token a second (plus 1/16 s per token of context it attends to): at 0.25
+# reading loses to recomputing at any depth the machine reaches, at 0.5 it wins only deep
+# in a conversation, at 4 it always wins. None: the cache has no estimate and always reads.
+DISK_READ_SPEEDS = (None, 0.25, 0.5, 4.0)
+
+
+def fuzz_cost(model: str, bytes_per_token: int, disk_read_speed: float) -> CostModel:
+    """The figures a fuzzed cache weighs its disk tier's reads against recomputing with (the
+    read-or-recompute strategy); a regression trace's header carries them."""
+    return CostModel(
+        name="fuzz",
+        model=model,
+        machine="kvtrie fuzz",
+        source=f"kvtrie fuzz: disk reads at {disk_read_speed} tokens/s against recompute",
+        prefill_fixed_seconds=0.0,
+        prefill_seconds_per_token=1.0,
+        prefill_seconds_per_token_context=1 / 16,
+        decode_seconds_per_token=1.0,
+        page_in_bytes_per_second=1e12,
+        page_out_bytes_per_second=1e12,
+        disk_read_bytes_per_second=bytes_per_token * disk_read_speed,
+        disk_write_bytes_per_second=1e12,
+    )
+
+
 def _token_bytes(backend: Any) -> int:
     """Paged-out bytes per token of this backend's attention layers (for budget scales)."""
     layers = backend.new_layers()
@@ -157,7 +186,8 @@ def _machine(
     config: FuzzConfig, result: FuzzResult, last: dict[str, Any], tick: Callable[[], Any]
 ) -> type:
     backends = {model: _backend_factory(config.backend, model) for model in config.models}
-    budgets = {model: _budgets(_token_bytes(new())) for model, new in backends.items()}
+    token_bytes = {model: _token_bytes(new()) for model, new in backends.items()}
+    budgets = {model: _budgets(token_bytes[model]) for model in backends}
     deadline = None if config.time_limit is None else time.monotonic() + config.time_limit
     tokens = st.lists(st.integers(1, ALPHABET), min_size=1, max_size=10)
     outputs = st.lists(st.integers(1, ALPHABET), min_size=0, max_size=3)
@@ -184,18 +214,34 @@ def _machine(
             policy=POLICY_SPELLINGS,
             model=st.sampled_from(config.models),
             counts_live=st.booleans(),
+            disk_read_speed=st.sampled_from(DISK_READ_SPEEDS),
         )
-        def start(self, policy: str, model: str, disk: bool, counts_live: bool) -> None:
+        def start(
+            self,
+            policy: str,
+            model: str,
+            disk: bool,
+            counts_live: bool,
+            disk_read_speed: float | None,
+        ) -> None:
             self.policy = policy
             self.model = model
             self.disk = disk  # a disk tier (unbounded until a disk_budget event)
             self.counts_live = counts_live  # the budget holds the live layers too
+            self.cost = None  # the figures its read-or-recompute choice weighs, if any
+            if disk and disk_read_speed is not None:
+                self.cost = fuzz_cost(model, token_bytes[model], disk_read_speed)
             result.models[model] += 1
             result.policies[make_policy(policy).name] += 1
             self.backend = backends[model]()
             tier = DiskTier(None) if disk else None
             self.cache = make_cache(
-                self.backend, None, make_policy(policy), tier, budget_counts_live=counts_live
+                self.backend,
+                None,
+                make_policy(policy),
+                tier,
+                budget_counts_live=counts_live,
+                cost=self.cost,
             )
             self.runner = RequestRunner(self.backend, self.cache, CheckMode(full=True))
 
@@ -346,6 +392,7 @@ def _write_regression(config: FuzzConfig, machine: Any, failure: str) -> Path:
         "budget_bytes": None,
         **({"disk_budget_bytes": None} if getattr(machine, "disk", False) else {}),
         **({"budget_counts_live": True} if getattr(machine, "counts_live", False) else {}),
+        **({"cost": machine.cost.as_table()} if getattr(machine, "cost", None) else {}),
         "found_by": "kvtrie fuzz",
         "mutant": config.mutant,
         "seed": config.seed,  # kvtrie fuzz --seed S draws this example again

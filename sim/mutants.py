@@ -477,6 +477,18 @@ MUTANTS: dict[str, Mutant] = {
             area="strategies",
         ),
         Mutant(
+            "disk-read-however-slow",
+            "the disk tier is read whatever the estimate says, slower than recomputing or not",
+            lambda: [
+                (
+                    PrefixCache,
+                    "_cheaper_than_reading",
+                    lambda self, prompt, path, matched: (path, matched),
+                )
+            ],
+            area="strategies",
+        ),
+        Mutant(
             "snapshot-interval-one-late",
             "interval snapshots one token past every K",
             lambda: [(SnapshotSchedule, "stops", _stops_one_late)],

@@ -72,7 +72,10 @@ class Scene:
         policy: str = "kvtrie-seed",
         budget: int | None = None,
         requests: tuple[list[int], ...] = (PAGE + [17, 18], PAGE + [19, 20, 21], [99]),
+        estimate_seconds: Callable[[int, int, int], float] | None = None,
     ) -> None:
+        """``estimate_seconds``: a simulated disk tier too, and the cache's estimate of a
+        request's seconds (see :class:`~kvtrie.core.prefix_cache.PrefixCache`)."""
         self.kind = kind
         self.backend = FakeBackend(KINDS[kind])
         self.cache = PrefixCache(
@@ -80,6 +83,8 @@ class Scene:
             budget_bytes=budget,
             policy=parse_policy(policy),
             clock=itertools.count(1).__next__,
+            store=None if estimate_seconds is None else SimulatedDisk(),
+            estimate_seconds=estimate_seconds,
         )
         self.runner = RequestRunner(self.backend, self.cache, CheckMode(full=True))
         self.session: Any = None
@@ -985,6 +990,22 @@ def _evict_oldest_leaf(s: Scene) -> list[tuple[int, int]]:
     return s.ranges()
 
 
+def _slow_disk(cached: int, prompt: int, disk_bytes: int) -> float:
+    """A disk of one byte a second against a second a token of prefill: reading never pays."""
+    return disk_bytes + (prompt - cached)
+
+
+def _read_or_recompute(kind: str) -> str | None:
+    """RAM budget 0: leaving [0, 20) moves it to the disk tier; extending it by a token must
+    recompute all 21 (reading 20 tokens' bytes is estimated slower), counted as skipped."""
+    scene = Scene(kind, "kvtrie-improved", 0, (TWENTY, [99]), estimate_seconds=_slow_disk)
+    cached = scene.serve(TWENTY + [21]).cached_tokens
+    got = (cached, scene.cache.stats.disk_reads_skipped, scene.cache.stats.disk_page_ins)
+    return (
+        None if got == (0, 1, 0) else f"expected (cached, skipped, page-ins) (0, 1, 0), got {got}"
+    )
+
+
 def _strategy_cases() -> list[SelfCheck]:
     base = (PAGE + [17, 18], PAGE + [19, 20, 21], [99])
     return [
@@ -1198,6 +1219,7 @@ def _strategy_cases() -> list[SelfCheck]:
             lambda s: s.ranges(),
             [(0, 8), (8, 16), (16, 20)],
         ),
+        SelfCheck("read-or-recompute", "strategies", ALL, _read_or_recompute),
         outcome(
             "snapshot-interval-restores",
             "kvtrie-improved,snapshot-interval=8",

@@ -259,3 +259,48 @@ def test_a_budget_that_counts_the_live_layers_keeps_both_within_it(rig):
     r.run(list(range(500, 600)), [1])  # 100 live tokens: more than the budget
     assert cache.stats.live_over_budget == 1
     assert cache.paged_out_bytes == 0
+
+
+def _header_cost_trace(tmp_path, **changes):
+    """A trace whose header carries a disk tier, RAM budget 0 and a fuzzer's cost figures (a
+    disk that reads a quarter of a token's bytes a second against a second a token of
+    prefill), as a regression trace of the fuzzer does; three conversations, the first again."""
+    from kvtrie.sim.fuzz import fuzz_cost
+
+    cost = fuzz_cost("tiny-attention", 64, 0.25).as_table()
+    header = {
+        "format": "kvtrie-trace",
+        "version": 1,
+        "profile": "tiny-attention",
+        "policy": "kvtrie-improved",
+        "budget_bytes": 0,
+        "disk_budget_bytes": None,
+        "cost": {**cost, **changes},
+    }
+    lines = [
+        {"id": f"r{i}", "prompt": conversation(first), "output": [1]}
+        for i, first in enumerate((100, 200, 100))
+    ]
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps(line) + "\n" for line in [header, *lines]))
+    return trace
+
+
+def test_a_trace_header_cost_gives_the_replay_its_estimate(tmp_path):
+    trace = _header_cost_trace(tmp_path)
+    out = tmp_path / "report.json"
+    assert main(["replay", str(trace), "-q", "--report", str(out)]) == 0  # the oracle on it
+    report = json.loads(out.read_text())
+    assert report["disk_tier"]["reads_skipped"] == 1 and report["cached_tokens"] == 0
+    assert report["time_model"]["cost"]["name"] == "from-trace"
+    # --cost overrides the header: a shipped entry's fast disk is read
+    assert main(["replay", str(trace), "-q", "--cost", "llama-8b-m4", "--report", str(out)]) == 0
+    assert json.loads(out.read_text())["disk_tier"]["reads_skipped"] == 0
+
+
+def test_a_bad_cost_in_a_trace_header_is_exit_2_naming_file_line_and_key(tmp_path, capsys):
+    trace = _header_cost_trace(tmp_path, disk_read_bytes_per_second=-1.0)
+    assert main(["replay", str(trace), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"{trace}:1: header cost" in err and "disk_read_bytes_per_second must be > 0" in err
+    assert err.count("\n") == 1

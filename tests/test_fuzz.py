@@ -27,6 +27,7 @@ def test_quick_profile_on_the_fake_backend_finds_nothing(tmp_path):
     assert reached["splits"] and reached["merges"] and reached["evictions"]
     assert reached["restore_failures"] and reached["max_depth"] >= 3
     assert reached["trie_shapes"] > 100
+    assert reached["disk_reads_skipped"]  # read-or-recompute cut matches, the oracle on each
     assert set(reached["examples_per_model"]) == set(DEFAULT_MODELS["fake"])
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..traces import ReadOptions
@@ -120,13 +121,19 @@ def add_time_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def read_time_options(args: argparse.Namespace, model: str) -> CostModel | None:
-    """The cost figures ``--cost`` names for ``model`` (None: no time model); a bad
-    ``--time-scale`` or cost file is a UsageError."""
-    from ..costs import cost_for
+def read_time_options(
+    args: argparse.Namespace, model: str, header: dict | None = None, path: Path | None = None
+) -> CostModel | None:
+    """The cost figures ``--cost`` names for ``model``, else the trace header's ``cost``
+    table (a fuzzer's regression trace carries the figures its caches weighed disk reads
+    with), else the shipped ones (None: no time model); a bad ``--time-scale`` or cost file
+    is a UsageError, a bad header table a ValueError naming the file and key."""
+    from ..costs import cost_for, cost_from_table
 
     if not (args.time_scale > 0 and args.time_scale < float("inf")):
         raise UsageError(f"--time-scale must be a number > 0, got {args.time_scale}")
+    if args.cost is None and header and "cost" in header:
+        return cost_from_table("from-trace", header["cost"], f"{path}:1: header cost")
     return cost_for(model, args.cost)
 
 

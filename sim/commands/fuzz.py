@@ -113,7 +113,8 @@ def _fuzz_summary(result) -> str:
         f"{result.totals.merges} merges, {result.totals.evictions} evictions, "
         f"{result.totals.restore_failures} restore failures, "
         f"{result.totals.moves_to_disk} moves to disk, {result.totals.disk_page_ins} page-ins "
-        f"from disk, {result.totals.disk_evictions} disk evictions, {result.totals.restarts} "
+        f"from disk, {result.totals.disk_reads_skipped} disk reads skipped for recompute, "
+        f"{result.totals.disk_evictions} disk evictions, {result.totals.restarts} "
         f"restarts adopting {result.totals.adopted_nodes} nodes, {result.seconds:.1f} s"
     )
 
@@ -189,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
             "restore_failures": result.totals.restore_failures,
             "moves_to_disk": result.totals.moves_to_disk,
             "disk_page_ins": result.totals.disk_page_ins,
+            "disk_reads_skipped": result.totals.disk_reads_skipped,
             "disk_read_failures": result.totals.disk_read_failures,
             "disk_evictions": result.totals.disk_evictions,
             "disk_write_failures": result.totals.disk_write_failures,

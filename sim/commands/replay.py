@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         mutant = None if args.mutant == "none" else args.mutant or header.get("mutant")
         if mutant is not None and mutant not in MUTANTS:
             raise UsageError(f"unknown mutant {mutant!r}; choose one of {', '.join(MUTANTS)}")
-        cost = read_time_options(args, model)
+        cost = read_time_options(args, model, header, path)
         backend = make_backend(backend_name, model)
         trace = load_trace(path, vocab_size=backend.vocab_size, options=read_options(args))
         _check_disk_events(trace, disk)
