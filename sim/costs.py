@@ -59,6 +59,13 @@ class CostModel:
     disk_read_bytes_per_second: float
     disk_write_bytes_per_second: float
 
+    @classmethod
+    def unit(cls, model: str, source: str) -> CostModel:
+        """Figures of 1 (a second a token, a byte a second) and no fixed or context term: for
+        a replay that only measures, its estimates unused."""
+        zero = {key: 0.0 for key in _NON_NEGATIVE}
+        return cls("unit", model, "this machine", source, **zero, **{key: 1.0 for key in _RATES})
+
     def prefill_seconds(self, cached: int, computed: int) -> float:
         """Seconds to evaluate ``computed`` tokens after ``cached`` reused ones."""
         if computed <= 0:

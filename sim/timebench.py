@@ -27,7 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .calibrate import calibrate, calibration_toml
+from .calibrate import Calibration, calibrate, calibration_toml
+from .costs import CostModel
 from .timing import validation_errors
 
 __all__ = ["VALIDATION_TARGETS", "VALIDATION_TRACE", "bench_time_model"]
@@ -68,31 +69,13 @@ def _replay_time_model(*argv: str, folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-# Figures for the replays timed between the calibration's rounds: those replays only measure
-# (a replay records its measured seconds beside its estimates, so it needs some figures);
-# the estimates compared come from one more replay with the calibrated figures.
-_MEASURING_FIGURES = """[costs.measuring]
-model = "{model}"
-machine = "this machine"
-source = "kvtrie bench time-model: placeholder figures, estimates unused"
-prefill_fixed_seconds = 0.0
-prefill_seconds_per_token_context = 0.0
-""" + "".join(
-    f"{key} = 1.0\n"
-    for key in (
-        "prefill_seconds_per_token",
-        "decode_seconds_per_token",
-        "page_in_bytes_per_second",
-        "page_out_bytes_per_second",
-        "disk_read_bytes_per_second",
-        "disk_write_bytes_per_second",
-    )
-)
-
-
 def _validate(model: str, grid: str, trace: Path, folder: Path) -> dict[str, Any]:
+    # the replays timed between the calibration's rounds only measure (a replay records its
+    # measured seconds beside its estimates, so it needs some figures); the estimates
+    # compared come from one more replay with the calibrated figures
     measuring = folder / "measuring.toml"
-    measuring.write_text(_MEASURING_FIGURES.format(model=model))
+    unit = CostModel.unit(model, "kvtrie bench time-model: placeholder, estimates unused")
+    measuring.write_text(calibration_toml(Calibration(unit, [])))
 
     def replay(costs: Path) -> list[dict[str, Any]]:
         return _replay_time_model(
