@@ -118,9 +118,14 @@ def _completion_tokens(data: bytes) -> int | None:
     return produced if isinstance(produced, int) and produced >= 0 else None
 
 
+# the application's state, typed (aiohttp warns on plain string keys)
+RECORDER = web.AppKey("recorder", Recorder)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+
+
 async def _proxy(request: web.Request) -> web.StreamResponse:
-    recorder: Recorder = request.app["recorder"]
-    session: aiohttp.ClientSession = request.app["session"]
+    recorder = request.app[RECORDER]
+    session = request.app[SESSION]
     settings = recorder.settings
     kind = RECORDED.get(request.path) if request.method == "POST" else None
     seq, arrival_ms = recorder.trace.arrive() if kind else (-1, 0.0)
@@ -189,12 +194,12 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
 
 def build_app(recorder: Recorder) -> web.Application:
     app = web.Application(client_max_size=1 << 30)
-    app["recorder"] = recorder
+    app[RECORDER] = recorder
 
     async def session_context(app: web.Application):
-        app["session"] = aiohttp.ClientSession()
+        app[SESSION] = aiohttp.ClientSession()
         yield
-        await app["session"].close()
+        await app[SESSION].close()
 
     app.cleanup_ctx.append(session_context)
     app.router.add_route("*", "/{tail:.*}", _proxy)
