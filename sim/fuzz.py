@@ -142,8 +142,8 @@ POLICY_SPELLINGS = st.builds(
 
 # How fast the fuzzed disk tier reads, in tokens' worth of snapshot bytes a second, against
 # recomputing one token a second (plus 1/16 s per token of context it attends to): at 0.25
-# reading loses to recomputing at any depth the machine reaches, at 0.5 it wins only deep
-# in a conversation, at 4 it always wins. None: the cache has no estimate and always reads.
+# reading a node only wins after about 48 tokens of context, at 0.5 after about 16, at 4
+# it always wins. None: the cache has no estimate and always reads.
 DISK_READ_SPEEDS = (None, 0.25, 0.5, 4.0)
 
 
