@@ -9,6 +9,7 @@ saves more than its count. Every figure in the shipped file says where it comes 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ __all__ = [
     "cost_for",
     "cost_from_table",
     "load_costs",
+    "shipped_costs",
 ]
 
 DEFAULT_COSTS = "costs.toml"  # shipped beside the profiles, in kvtrie.backends
@@ -147,10 +149,17 @@ def load_costs(path: Path | None = None) -> dict[str, CostModel]:
     return {name: cost_from_table(name, table, source) for name, table in tables.items()}
 
 
+@functools.cache
+def shipped_costs() -> dict[str, CostModel]:
+    """The shipped file's entries, read once a process (``--cost``'s help lists them, and
+    every subcommand's parser is built at start-up)."""
+    return load_costs()
+
+
 def cost_for(model: str, cost: str | None) -> CostModel | None:
     """The cost figures of a replay: ``cost`` names a shipped entry or a file with one entry;
     with none, the shipped entry for ``model``, or None when there is none (no time model)."""
-    shipped = load_costs()
+    shipped = shipped_costs()
     if cost is None:
         return next((entry for entry in shipped.values() if entry.model == model), None)
     if cost in shipped:

@@ -99,14 +99,14 @@ def read_options(args: argparse.Namespace) -> ReadOptions:
 
 def add_time_options(parser: argparse.ArgumentParser) -> None:
     """--cost and --time-scale: the time model's figures and the arrivals' pace."""
-    from ..costs import load_costs
+    from ..costs import shipped_costs
 
     timing = parser.add_argument_group("seconds: the time model")
     timing.add_argument(
         "--cost",
         default=None,
         metavar="NAME|FILE",
-        help=f"cost figures: a shipped entry ({', '.join(load_costs())}) or a TOML file with one "
+        help=f"cost figures: a shipped entry ({', '.join(shipped_costs())}) or a TOML file with one "
         "[costs.NAME] table (see backends/costs.toml for the form; kvtrie calibrate writes "
         "one); default: the shipped entry for the model, if there is one. Estimated prefill "
         "seconds with and without the cache and TTFT under the trace's arrival times go in "
