@@ -20,7 +20,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ import numpy as np
 from .bench import median_seconds
 from .costs import CostModel, attended
 
-__all__ = ["Calibration", "GRIDS", "calibrate", "calibration_toml", "grid_steps"]
+__all__ = ["Calibration", "GRIDS", "calibrate", "calibration_toml", "fit_prefill", "grid_steps"]
 
 # (cached context, new tokens) grids: the quick one for CI, the full one for a real fit
 GRIDS = {
@@ -44,6 +44,7 @@ REPEATS = {"quick": 2, "full": 5}  # rounds over the grid
 class Calibration:
     cost: CostModel
     points: list[tuple[int, int, float, float]]  # cached, new, measured s, fitted s
+    timings: list[list[float]] = field(default_factory=list)  # each point's, round by round
 
     @property
     def errors(self) -> list[float]:
@@ -57,7 +58,7 @@ class Calibration:
         return errors[len(errors) // 2], errors[-1]
 
 
-def _fit(rows: list[tuple[int, int, float]]) -> tuple[float, float, float]:
+def fit_prefill(rows: list[tuple[int, int, float]]) -> tuple[float, float, float]:
     """Least-squares ``a, b, c`` of ``seconds = a + b*n + c*attended`` in relative error (each
     row divided by its seconds, so a 16-token prefill counts as much as a 1,024-token one: the
     time model is judged per request), none below zero (a negative one is dropped and the
@@ -179,7 +180,7 @@ def calibrate(
     rows = [
         (cached, n, statistics.median(seconds)) for (cached, n, _), seconds in zip(points, timings)
     ]
-    a, b, c = _fit(rows)
+    a, b, c = fit_prefill(rows)
 
     layers = backend.new_layers()
     backend.evaluate(layers, tokens(contexts[len(contexts) // 2] or 64))
@@ -223,7 +224,7 @@ def calibrate(
         disk_write_bytes_per_second=nbytes / write_seconds,
     )
     points = [(cached, n, s, cost.prefill_seconds(cached, n)) for cached, n, s in rows]
-    return Calibration(cost, points)
+    return Calibration(cost, points, timings)
 
 
 def _toml_string(text: str) -> str:

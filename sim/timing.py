@@ -40,6 +40,8 @@ class RequestTime:
     measured_prefill_s: float | None = None
     disk_read_s: float = 0.0  # of snapshot_s, reading the disk tier's files
     disk_write_s: float = 0.0  # moves to disk this request made, written in the background
+    cached_tokens: int = 0  # the prompt's tokens the cache served
+    computed_tokens: int = 0  # the prompt's tokens prefilled
 
 
 def moved_bytes(before: Any, after: Any) -> dict[str, int]:
@@ -117,6 +119,8 @@ class ServerClock:
             *(measured or (None, None)),
             disk_read_s=disk_read,
             disk_write_s=cost.disk_write_seconds(disk_write_bytes),
+            cached_tokens=cached,
+            computed_tokens=prompt - cached,
         )
         self.times.append(time)
         return time

@@ -7,6 +7,7 @@ import json
 import pytest
 from third_party import third_party
 
+from kvtrie.sim.bench import ratio_interval
 from kvtrie.sim.cli import main
 
 
@@ -29,6 +30,8 @@ def test_bench_mlx_quick_writes_the_four_figures(tmp_path):
     for key in ("warm_cold_ratio", "pagein_vs_recompute", "overhead_zero_hit"):
         assert results[key] > 0
     assert results["disk_pagein_vs_recompute"] > 0 and results["disk_pagein_bytes"] > 0
+    low, high = results["hit_ttft_ratio_interval"]
+    assert 0 < low <= high
     rows = results["computed_tokens"]
     assert {row["model"] for row in rows} == {"tiny-attention", "tiny-hybrid"}
     for row in rows:
@@ -37,6 +40,15 @@ def test_bench_mlx_quick_writes_the_four_figures(tmp_path):
     hybrid_inf = next(r for r in rows if r["model"] == "tiny-hybrid" and r["budget_bytes"] is None)
     # mlx-lm reuses only exact prefixes of a recurrent model; kvtrie restores branch points
     assert hybrid_inf["kvtrie_computed_tokens"] < hybrid_inf["mlxlm_computed_tokens"]
+
+
+def test_the_ratio_interval_is_as_wide_as_the_rounds_spread():
+    steady = [0.010, 0.011, 0.012, 0.013, 0.014]
+    # every round twice as slow on one side: the ratio is 2 whatever rounds are drawn
+    assert ratio_interval([2 * t for t in steady], steady) == pytest.approx([2.0, 2.0])
+    # one round slow on one side only: some draws take its timing for the median
+    low, high = ratio_interval([0.010, 0.010, 0.030], [0.010, 0.010, 0.010])
+    assert low == pytest.approx(1.0) and high == pytest.approx(3.0)
 
 
 def test_replay_on_the_mlx_backend_runs_clean(tmp_path):
@@ -101,6 +113,11 @@ def test_bench_time_model_quick_validates_two_models_and_times_mooncake(tmp_path
         assert set(row["targets_met"]) == {"total_error", "median_error", "p90_error"}
         # one validation replay after each of the calibration's rounds (the quick grid's 2)
         assert row["replays"] == 2 and len(row["grid"]) == 9
+        # each error's interval under the machine's noise, and whether it reaches the target
+        for key, bound in results["validation_targets"].items():
+            low, high = row["noise_interval"][key]
+            assert 0.0 <= low <= high
+            assert row["target_within_noise"][key] == (low <= bound)
     rows = results["mooncake_llama_8b_m4"]
     assert [r["setup"] for r in rows] == ["no cache", "8GiB", "8GiB+1TiB disk"]
     # more reuse, fewer prefill hours: no cache > RAM > RAM with a disk tier

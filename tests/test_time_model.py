@@ -13,9 +13,10 @@ except ModuleNotFoundError:  # Python 3.10
 import pytest
 from child import kvtrie
 
-from kvtrie.sim.calibrate import _fit
+from kvtrie.sim.calibrate import Calibration, fit_prefill
 from kvtrie.sim.cli import main
 from kvtrie.sim.costs import CostModel, cost_for, load_costs
+from kvtrie.sim.timebench import noise_interval
 from kvtrie.sim.timing import ServerClock
 from kvtrie.sim.traces import write_trace
 
@@ -163,6 +164,13 @@ def test_replay_reports_estimated_seconds_with_and_without_the_cache(tmp_path):
         report["cached_tokens"] > 0 and model["prefill_seconds"] < model["prefill_seconds_no_cache"]
     )
     assert len(model["requests"]) == 3
+    # each request says what it reused and computed, and its prefill is the model's of those
+    for row, prompt in zip(model["requests"], prompts):
+        assert row["cached_tokens"] + row["computed_tokens"] == prompt
+        assert row["prefill_s"] == pytest.approx(
+            mine.prefill_seconds(row["cached_tokens"], row["computed_tokens"])
+        )
+    assert sum(r["cached_tokens"] for r in model["requests"]) == report["cached_tokens"]
     # the switches page out and restore real snapshots (128 KiB a token): they cost seconds
     assert model["snapshot_seconds"] > 0
     ttft = model["ttft_seconds"]
@@ -245,10 +253,37 @@ def test_bad_time_options_are_exit_2(capsys, argv, message):
 def test_the_fit_recovers_the_coefficients_of_exact_timings():
     truth = CostModel("t", "m", "x", "y", 0.01, 0.002, 1e-6, 0.1, 1.0, 1.0, 1.0, 1.0)
     rows = [(c, n, truth.prefill_seconds(c, n)) for c in (0, 100, 400) for n in (8, 32, 128)]
-    assert _fit(rows) == pytest.approx((0.01, 0.002, 1e-6), rel=1e-6)
+    assert fit_prefill(rows) == pytest.approx((0.01, 0.002, 1e-6), rel=1e-6)
     # a coefficient the timings make negative is dropped, not kept below zero
     flat = [(c, n, 0.5 + 0.001 * n - 1e-9 * (n * c)) for c in (0, 1000) for n in (8, 64)]
-    assert min(_fit(flat)) >= 0.0
+    assert min(fit_prefill(flat)) >= 0.0
+
+
+def _noisy_validation(grid_factors: list[float], replay_factors: list[float]) -> dict:
+    """The noise interval of a validation whose grid and replays are exact timings of COST,
+    each round's (the grid's, its replay's) slowed by its factor."""
+    points = [(c, n) for c in (0, 100, 400) for n in (8, 32, 128)]
+    timings = [[COST.prefill_seconds(c, n) * f for f in grid_factors] for c, n in points]
+    calibration = Calibration(COST, [(c, n, 0.0, 0.0) for c, n in points], timings)
+    requests = [
+        {"cached_tokens": cached, "computed_tokens": computed, "snapshot_s": 0.0}
+        for cached, computed in ((0, 60), (50, 20), (120, 10))
+    ]
+    exact = [COST.prefill_seconds(r["cached_tokens"], r["computed_tokens"]) for r in requests]
+    replays = [[seconds * f for seconds in exact] for f in replay_factors]
+    return noise_interval(calibration, replays, requests)
+
+
+def test_the_noise_interval_is_the_spread_the_rounds_give_the_errors():
+    # no noise: every error is zero, whatever the draw
+    for low, high in _noisy_validation([1.0] * 3, [1.0] * 3).values():
+        assert low == pytest.approx(0.0, abs=1e-9) and high == pytest.approx(0.0, abs=1e-9)
+    # a slow round that slows its grid and its replay alike costs no error
+    for _low, high in _noisy_validation([1.0, 1.3, 1.0], [1.0, 1.3, 1.0]).values():
+        assert high == pytest.approx(0.0, abs=1e-9)
+    # a replay slow alone: a draw with it twice (7 in 27) measures 1.3x what the grid predicts
+    for low, high in _noisy_validation([1.0] * 3, [1.0, 1.3, 1.0]).values():
+        assert low == pytest.approx(0.0, abs=1e-9) and high == pytest.approx(0.3 / 1.3)
 
 
 def test_calibrate_writes_cost_figures_that_replay_reads_and_checks_against_mlx(tmp_path):

@@ -65,7 +65,8 @@ def _print_mlx_bench(results: dict) -> None:
         f"  hit time to first token ({results['hit_model']}, {results['hit_cached_tokens']:,} "
         f"cached): kvtrie {results['hit_ttft_kvtrie_seconds'] * 1000:.1f} ms, mlx-lm "
         f"{results['hit_ttft_mlxlm_seconds'] * 1000:.1f} ms (ratio "
-        f"{results['hit_ttft_ratio']:.2f})"
+        f"{results['hit_ttft_ratio']:.2f}, 90 % interval under this machine's noise "
+        "{:.2f}-{:.2f})".format(*results["hit_ttft_ratio_interval"])
     )
     print(
         f"  page-in from the disk tier ({results['disk_pagein_bytes']:,} B in files): "
@@ -112,12 +113,19 @@ def _print_time_model(results: dict) -> None:
 
     for row in results["validation"]:
         met = all(row["targets_met"].values())
+        within = all(row["target_within_noise"].values())
+        noise = row["noise_interval"]
         print(
             f"time model on {row['model']}: estimated {row['estimated_seconds']:.2f} s, "
             f"measured {row['measured_seconds']:.2f} s; total error {row['total_error']:.1%}, "
             f"per request median {row['median_error']:.1%}, p90 {row['p90_error']:.1%} "
             f"(calibration fit median {row['fit_median_error']:.1%}); "
             f"targets {'met' if met else 'MISSED'}"
+        )
+        print(
+            "  90 % interval under this machine's noise: "
+            + ", ".join(f"{key} {low:.1%}-{high:.1%}" for key, (low, high) in noise.items())
+            + ("" if met else f"; {'every' if within else 'not every'} target within it")
         )
     for row in results["mooncake_llama_8b_m4"]:
         ttft = row["ttft_seconds"]
