@@ -61,6 +61,23 @@ class LayerContract:
         assert kv.restore(snap, 10)
         assert self.equal(self.state(kv), expected)
 
+    def test_kv_snapshot_never_changes_whatever_the_live_layer_writes(self) -> None:
+        # 250 positions: long enough that a backend sharing a nearly full live buffer with
+        # its snapshot does (MLX: 250 of 256), so its copy on write is what is tested
+        backend, layers, kv = self._evaluated(LayerKind.KV, np.arange(1, 251))
+        expected = self.state(kv)
+        snap = kv.snapshot(0)
+        for layer in layers:
+            assert layer.restore(None, 200) or layer.kind is not LayerKind.KV
+        backend.evaluate(layers, np.arange(300, 340))  # writes over positions 200..239
+        assert kv.restore(snap, 250) and self.equal(self.state(kv), expected)
+        backend.evaluate(layers, np.arange(400, 403))  # after the restored positions
+        for layer in layers:  # the snapshot restored in part, then written inside its range
+            restored = layer.restore(snap if layer is kv else None, 200)
+            assert restored or layer.kind is not LayerKind.KV
+        backend.evaluate(layers, np.arange(500, 510))
+        assert kv.restore(snap, 250) and self.equal(self.state(kv), expected)
+
     def test_kv_split_then_merge_round_trips_bytes_and_state(self) -> None:
         _, _, kv = self._evaluated(LayerKind.KV, np.arange(1, 11))
         expected = self.state(kv)

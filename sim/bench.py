@@ -273,12 +273,15 @@ def _zero_hit_overhead(
     }
 
 
-def _hit_latency(model: str, n: int, repeats: int) -> dict[str, Any]:
+def _hit_latency(model: str, n: int, rounds: int) -> dict[str, Any]:
     """Time to first token on a cache hit, kvtrie's drop-in against mlx-lm's own
-    ``LRUPromptCache``: a conversation of ``n`` tokens is stored, another conversation is
-    served, then the first one's next turn (8 new tokens) is fetched and its first token
-    generated with ``generate_step``. Both caches serve the same prefilled tokens; rounds
-    alternate, so a busy machine slows both alike."""
+    ``LRUPromptCache``: each cache serves two conversations of ``n`` tokens, then ``rounds``
+    rounds of one turn of each (4 new tokens, its first token generated with
+    ``generate_step``), so every turn is a hit that leaves the other conversation. Three
+    caches take each turn in turn, kvtrie with its defaults (the 8 GiB budget: a restore
+    moves the snapshot into the live layers), kvtrie unbounded (the snapshot stays), and
+    mlx-lm's: the same prefilled tokens, timed back to back, so a busy machine slows all
+    three alike."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
@@ -291,55 +294,68 @@ def _hit_latency(model: str, n: int, repeats: int) -> dict[str, Any]:
     def tokens(count: int) -> list[int]:
         return [int(t) for t in rng.integers(5, backend.vocab_size, count)]
 
-    def generate(prompt: list[int], cache: list[Any], count: int) -> list[int]:
-        steps = generate_step(mx.array(prompt), backend.model, prompt_cache=cache, max_tokens=count)
+    def generate(prompt: list[int], cache: list[Any]) -> list[int]:
+        steps = generate_step(mx.array(prompt), backend.model, prompt_cache=cache, max_tokens=1)
         return [int(token) for token, _ in steps]
 
-    def kvtrie_round(first: list[int], other: list[int], extra: list[int]) -> float:
-        cache = MLXPromptCache(backend.model, budget_bytes=None)
-        outputs = []
-        for prompt in (first, other):
+    cached: dict[str, list[int]] = {"default": [], "unbounded": [], "mlxlm": []}
+
+    def kvtrie_turn(cache: MLXPromptCache, name: str) -> Callable[[list[int]], list[int]]:
+        def turn(prompt: list[int]) -> list[int]:
+            before = cache.cache.stats.computed_tokens
             caches, rest = cache.fetch(prompt)
-            outputs.append(generate(rest, caches, 8))
-            cache.store(outputs[-1])
-        turn = first + outputs[0] + extra
-        start = time.perf_counter()
-        caches, rest = cache.fetch(turn)
-        token = generate(rest, caches, 1)
-        seconds = time.perf_counter() - start
-        cache.store(token)
-        return seconds
+            token = generate(rest, caches)
+            cache.store(token)
+            cached[name].append(len(prompt) - (cache.cache.stats.computed_tokens - before))
+            return token
 
-    def mlxlm_round(first: list[int], other: list[int], extra: list[int]) -> tuple[float, int]:
-        cache = LRUPromptCache(10)
-        outputs = []
-        for prompt in (first, other):
-            caches, rest = cache.fetch_nearest_cache("m", prompt)
-            caches = caches or make_prompt_cache(backend.model)
-            outputs.append(generate(rest, caches, 8))
-            cache.insert_cache("m", prompt + outputs[-1], caches)
-        turn = first + outputs[0] + extra
-        start = time.perf_counter()
-        caches, rest = cache.fetch_nearest_cache("m", turn)
-        generate(rest, caches or make_prompt_cache(backend.model), 1)
-        return time.perf_counter() - start, len(turn) - len(rest)
+        return turn
 
-    kvtrie_times, mlxlm_times = [], []
-    for round_ in range(repeats + 1):
-        first, other, extra = tokens(n), tokens(n), tokens(8)
-        k = kvtrie_round(first, other, extra)
-        m, cached = mlxlm_round(first, other, extra)
-        if round_:  # the first round compiles and allocates
-            kvtrie_times.append(k)
-            mlxlm_times.append(m)
-    kvtrie_s, mlxlm_s = statistics.median(kvtrie_times), statistics.median(mlxlm_times)
+    lru = LRUPromptCache(10)
+
+    def mlxlm_turn(prompt: list[int]) -> list[int]:
+        caches, rest = lru.fetch_nearest_cache("m", prompt)
+        cached["mlxlm"].append(len(prompt) - len(rest))
+        caches = caches or make_prompt_cache(backend.model)
+        token = generate(rest, caches)
+        lru.insert_cache("m", prompt + token, caches)
+        return token
+
+    turns = {
+        "default": kvtrie_turn(MLXPromptCache(backend.model), "default"),
+        "unbounded": kvtrie_turn(MLXPromptCache(backend.model, budget_bytes=None), "unbounded"),
+        "mlxlm": mlxlm_turn,
+    }
+    first = [tokens(n), tokens(n)]
+    histories = {name: [list(c) for c in first] for name in turns}
+    for name, turn in turns.items():  # the first turns prefill (and compile): not timed
+        for history in histories[name]:
+            history += turn(history)
+    seconds: dict[str, list[float]] = {name: [] for name in turns}
+    for _ in range(rounds):
+        for conversation in (0, 1):
+            extra = tokens(4)
+            for name, turn in turns.items():
+                history = histories[name][conversation]
+                history += extra
+                started = time.perf_counter()
+                history += turn(list(history))
+                seconds[name].append(time.perf_counter() - started)
+    medians = {name: statistics.median(times) for name, times in seconds.items()}
+    timed = slice(2, None)  # the turns timed: after each conversation's first
     return {
         "hit_model": model,
-        "hit_cached_tokens": cached,
-        "hit_ttft_kvtrie_seconds": kvtrie_s,
-        "hit_ttft_mlxlm_seconds": mlxlm_s,
-        "hit_ttft_ratio": kvtrie_s / mlxlm_s,
-        "hit_ttft_ratio_interval": ratio_interval(kvtrie_times, mlxlm_times),
+        "hit_turns": len(seconds["mlxlm"]),
+        # each cache's reused prompt tokens, median over the timed turns
+        "hit_cached_tokens": {
+            name: int(statistics.median(counts[timed])) for name, counts in cached.items()
+        },
+        "hit_ttft_kvtrie_seconds": medians["default"],
+        "hit_ttft_kvtrie_unbounded_seconds": medians["unbounded"],
+        "hit_ttft_mlxlm_seconds": medians["mlxlm"],
+        "hit_ttft_ratio": medians["default"] / medians["mlxlm"],
+        "hit_ttft_ratio_interval": ratio_interval(seconds["default"], seconds["mlxlm"]),
+        "hit_ttft_ratio_unbounded": medians["unbounded"] / medians["mlxlm"],
     }
 
 
@@ -446,7 +462,7 @@ def bench_mlx(quick: bool = False) -> dict[str, Any]:
         attention, 4 if quick else 8, 128 if quick else 512, 4 if quick else 16, repeats
     )
     comparisons = [row for m in (attention, hybrid) for row in _computed_vs_mlxlm(m)]
-    hit = _hit_latency("tiny-attention", 512 if quick else 2048, 5 if quick else 15)
+    hit = _hit_latency("wide-attention", 256 if quick else 2048, 3 if quick else 30)
     disk = disk_pagein(attention, n, repeats)
     return {
         "benchmark": "mlx",

@@ -290,6 +290,30 @@ def _mlx_cut_one_short(adapters: Any) -> list:
     return [(adapters.MLXKVLayer, "_cut", cut)]
 
 
+def _mlx_snapshot_aliases_live_buffer(adapters: Any) -> list:
+    original = adapters.MLXKVLayer.snapshot
+
+    def snapshot(self, from_offset):
+        taken = original(self, from_offset)
+        if taken is not None and taken.buffers:  # the live layer's own objects, not new ones
+            taken.buffers = (self.cache.keys, self.cache.values)
+        return taken
+
+    return [(adapters.MLXKVLayer, "snapshot", snapshot)]
+
+
+def _mlx_restore_aliases_snapshot(adapters: Any) -> list:
+    original = adapters.MLXKVLayer._load
+
+    def _load(self, snapshot, target):
+        loaded = original(self, snapshot, target)
+        if snapshot.start == 0:  # the snapshot's own objects, which mlx-lm then writes into
+            self.cache.keys, self.cache.values = snapshot.buffers or snapshot.arrays
+        return loaded
+
+    return [(adapters.MLXKVLayer, "_load", _load)]
+
+
 def _mlx_free_keeps_offset(adapters: Any) -> list:
     def free(self) -> None:
         self.cache.keys = self.cache.values = None  # the offset is left where it was
@@ -554,6 +578,20 @@ MUTANTS: dict[str, Mutant] = {
             "mlx-kv-split-one-short",
             "an mlx attention split's head loses its last position",
             _mlx_patches(_mlx_cut_one_short),
+            area="mlx",
+        ),
+        Mutant(
+            "mlx-kv-snapshot-aliases-live",
+            "an mlx attention snapshot sharing the live buffer holds the live layer's own "
+            "array objects, which mlx-lm writes into in place",
+            _mlx_patches(_mlx_snapshot_aliases_live_buffer),
+            area="mlx",
+        ),
+        Mutant(
+            "mlx-kv-restore-aliases-snapshot",
+            "an mlx attention restore from position 0 hands the live layer the snapshot's own "
+            "array objects, which mlx-lm writes into in place",
+            _mlx_patches(_mlx_restore_aliases_snapshot),
             area="mlx",
         ),
         Mutant(

@@ -32,6 +32,10 @@ def test_bench_mlx_quick_writes_the_four_figures(tmp_path):
     assert results["disk_pagein_vs_recompute"] > 0 and results["disk_pagein_bytes"] > 0
     low, high = results["hit_ttft_ratio_interval"]
     assert 0 < low <= high
+    # every timed turn is a hit: each cache reuses all but the turn's new tokens
+    cached = results["hit_cached_tokens"]
+    assert cached["mlxlm"] > 256 and cached["default"] >= cached["mlxlm"]
+    assert cached["unbounded"] >= cached["mlxlm"]
     rows = results["computed_tokens"]
     assert {row["model"] for row in rows} == {"tiny-attention", "tiny-hybrid"}
     for row in rows:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from mlx_lm.models.cache import KVCache
 
 from kvtrie.backends.mlx import LOGIT_TOLERANCE, TINY_MODELS, MLXBackend
 from kvtrie.backends.mlx.contract import MLXContract
@@ -64,6 +65,56 @@ def test_multi_conversation_requests_match_a_fresh_prefill(backend, policy):
         again = rig.run(prompt, outputs=4)
         assert list(again.outputs) == list(no_cache_outputs(backend, prompt, 4))
     assert backend.max_logit_diff <= LOGIT_TOLERANCE
+
+
+@pytest.mark.parametrize("budget", [None, 1 << 20])
+def test_shared_buffers_match_a_fresh_prefill(backend, budget, monkeypatch):
+    """mlx-lm's buffers grown 4 positions at a time instead of 256: every attention snapshot
+    from position 0 of more than 28 positions shares the live buffer, so the switches, the
+    restores handing buffers back, and the writes that copy a shared buffer first all face
+    the oracle (unbounded: the snapshots stay; under a budget, page-ins move them)."""
+    monkeypatch.setattr(KVCache, "step", 4)
+    rig = MLXRig(backend, budget=budget, policy="kvtrie-improved")
+    a = S + list(range(30, 42))
+    a1 = rig.run(a)
+    a_history = a + [int(t) for t in a1.outputs]
+    rig.run(list(range(200, 240)))  # another conversation: leaving A shares its buffer
+    a2 = rig.run(a_history + [70, 71])  # back: the buffer is handed back, then written
+    assert a2.account.cached_tokens >= len(a)
+    rig.run(a[:25] + [80, 81])  # a partial restore of A's shared snapshot, written over
+    again = rig.run(a_history + [70, 71], outputs=4)
+    assert again.account.cached_tokens >= 25
+    assert list(again.outputs) == list(no_cache_outputs(backend, a_history + [70, 71], 4))
+    shared = [
+        snap
+        for node in rig.cache.nodes()
+        for snap in node.snapshots or []
+        if snap is not None and snap.buffers
+    ]
+    assert shared or budget is not None or backend.model_name == "tiny-swa"
+
+
+def test_a_snapshot_of_a_nearly_full_buffer_shares_it_and_never_changes():
+    backend = MLXBackend.from_name("tiny-attention")
+    layers = backend.new_layers()
+    backend.evaluate(layers, np.arange(1, 251))  # 250 of a 256-position buffer
+    kv = layers[0]
+    expected = np.array(kv.cache.keys[..., :250, :])
+    snap = kv.snapshot(0)
+    assert snap.buffers and snap.nbytes == kv.cache.nbytes  # the whole buffer, counted
+    for layer in layers:
+        layer.restore(None, 200)
+    backend.evaluate(layers, np.arange(300, 340))  # writes over 200..249 and grows the buffer
+    assert np.array_equal(np.array(snap.arrays[0]), expected)
+    assert kv.restore(snap, 250)  # handed back whole, then written: copied first
+    backend.evaluate(layers, np.arange(400, 410))
+    assert np.array_equal(np.array(kv.cache.keys[..., :250, :]), expected)
+    assert np.array_equal(np.array(snap.arrays[0]), expected)
+    for layer in layers:  # handed back in part, written over inside its range, in place
+        layer.restore(snap if layer is kv else None, 200)
+    backend.evaluate(layers, np.arange(500, 510))
+    assert kv.restore(snap, 250)  # the buffer it hands back is still the snapshot's
+    assert np.array_equal(np.array(kv.cache.keys[..., :250, :]), expected)
 
 
 def test_tiny_budget_takes_no_snapshot_and_stays_exact(backend):

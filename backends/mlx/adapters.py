@@ -4,7 +4,9 @@ The live caches are the objects mlx-lm's models write into (``KVCache``, ``Rotat
 ``ArraysCache`` and its subclasses); the adapters snapshot, restore, split and merge them,
 reading and writing them only through mlx-lm's public attributes (``keys``, ``values``,
 ``offset``, ``state``, ``trim``, ``nbytes``). Snapshots are fresh, evaluated arrays of exactly
-their range, never views into a live preallocated buffer.
+their range, with one exception: an attention snapshot from position 0 that fills all but at
+most an eighth of the live buffer shares that buffer instead of copying it, and counts the
+whole buffer as its bytes (see :meth:`MLXKVLayer.snapshot`).
 """
 
 from __future__ import annotations
@@ -63,16 +65,19 @@ class MLXSnapshot:
     start: int
     end: int
     is_closed: bool = False
+    # a shared KV snapshot's whole buffers (keys, values), which its arrays are views into:
+    # what it keeps alive, so what it counts, and what a restore hands back to the live layer
+    buffers: tuple[mx.array, ...] = ()
 
     def __post_init__(self) -> None:
         mx.eval(*_leaves(self.arrays))
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in _leaves(self.arrays))
+        return sum(a.nbytes for a in (self.buffers or _leaves(self.arrays)))
 
     def close(self) -> None:
-        self.arrays = ()
+        self.arrays = self.buffers = ()
         self.is_closed = True
 
 
@@ -119,13 +124,29 @@ class MLXKVLayer(RangeSnapshots, _Adapter):
     mlx_type = KVCache
 
     def snapshot(self, from_offset: int) -> Snapshot | None:
+        """A copy of ``[from_offset, offset)``, or, from position 0 when the live buffer holds
+        at most an eighth more than that, a view of the buffer itself, counted whole.
+
+        Sharing skips the copy a switch makes of the conversation it leaves (mlx-lm's own
+        cache stores the finished request's buffer the same way), and a restore hands the
+        buffer back whole (see :meth:`_load`). MLX arrays are values: a later write to the
+        live layer, while the snapshot shares its buffer, copies the buffer first (copy on
+        write), so the snapshot never changes; the eighth bounds the bytes that sharing
+        holds beyond the range (mlx-lm grows a buffer 256 positions at a time, so it is
+        shared from 2,048 positions on, or when nearly full)."""
         cache = self.cache
         if cache.keys is None or cache.offset <= from_offset:
             return None
-        start = max(0, from_offset)
-        keys = _copy(cache.keys[..., start : cache.offset, :])
-        values = _copy(cache.values[..., start : cache.offset, :])
-        return MLXSnapshot((keys, values), start, cache.offset)
+        start, end = max(0, from_offset), cache.offset
+        capacity = cache.keys.shape[2]
+        if start == 0 and 8 * (capacity - end) <= end:
+            # new array objects over the same data: mlx-lm updates its own in place
+            buffers = (cache.keys[..., :capacity, :], cache.values[..., :capacity, :])
+            views = (cache.keys[..., :end, :], cache.values[..., :end, :])
+            return MLXSnapshot(views, 0, end, buffers=buffers)
+        keys = _copy(cache.keys[..., start:end, :])
+        values = _copy(cache.values[..., start:end, :])
+        return MLXSnapshot((keys, values), start, end)
 
     def can_restore(self, snapshot: Snapshot | None, target: int) -> bool:
         if snapshot is None:
@@ -134,10 +155,22 @@ class MLXKVLayer(RangeSnapshots, _Adapter):
         return 0 <= target <= snapshot.end and self.cache.offset >= snapshot.start
 
     def _rewind(self, target: int) -> None:
-        self.cache.offset = target
+        if target == 0:
+            self.free()  # a snapshot may share the buffer: a fresh one is written, not a copy
+        else:
+            self.cache.offset = target
 
     def _load(self, snapshot: Snapshot, target: int) -> bool:
         assert isinstance(snapshot, MLXSnapshot)
+        if snapshot.start == 0:
+            # the whole state: the live layer takes the snapshot's arrays (its whole buffers
+            # when shared), no copy. If the snapshot stays, the model's next write copies
+            # them first; if it moves (is closed after the page-in), the write lands in place.
+            keys, values = snapshot.buffers or snapshot.arrays
+            self.cache.keys = keys[..., : keys.shape[2], :]  # new objects: mlx-lm writes
+            self.cache.values = values[..., : values.shape[2], :]  # into its own in place
+            self.cache.offset = min(snapshot.end, target)
+            return True
         self.cache.offset = snapshot.start
         keys, values = snapshot.arrays
         # left lazy: the copy joins the next model call's graph instead of a sync of its own
