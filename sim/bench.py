@@ -362,8 +362,8 @@ def _hit_latency(model: str, n: int, rounds: int) -> dict[str, Any]:
 def ratio_interval(numerators: list[float], denominators: list[float]) -> list[float]:
     """The 90 % interval of ``median(numerators) / median(denominators)`` under the rounds' own
     spread: the rounds (a pair of timings each) drawn again with replacement, 1,000 times. On a
-    shared machine the ratio of two medians of 15 moves by more than the difference it is
-    meant to show; the interval says by how much."""
+    shared machine the ratio of two medians moves from run to run by as much as the
+    difference it is meant to show; the interval says by how much."""
     top, bottom = np.array(numerators), np.array(denominators)
     rng = np.random.default_rng(0)
     ratios = []
