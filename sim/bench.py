@@ -7,7 +7,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,20 @@ from .replay import replay
 from .runner import CheckMode, RequestRunner
 from .traces import Request, Trace, load_trace, resolve_prompt
 
-__all__ = ["bench_eviction", "bench_mlx", "bench_replay", "peak_rss_bytes", "ratio_interval"]
+__all__ = [
+    "INTERVAL_PERCENTILES",
+    "RESAMPLED_DRAWS",
+    "bench_eviction",
+    "bench_mlx",
+    "bench_replay",
+    "peak_rss_bytes",
+    "percentile_interval",
+    "ratio_interval",
+    "resampled_rounds",
+]
+
+RESAMPLED_DRAWS = 1000  # rounds drawn again with replacement behind each interval
+INTERVAL_PERCENTILES = (5, 95)  # the interval every bench reports: a 90 % one
 
 REPLAY_WALL_TARGET_S = 20.0
 REPLAY_RSS_TARGET_BYTES = 2 << 30
@@ -359,18 +372,32 @@ def _hit_latency(model: str, n: int, rounds: int) -> dict[str, Any]:
     }
 
 
+def resampled_rounds(rounds: int) -> Iterator[np.ndarray]:
+    """The indices of ``rounds`` rounds drawn again with replacement, :data:`RESAMPLED_DRAWS`
+    times, from a fixed seed so that a report's intervals come out the same from the same
+    timings."""
+    rng = np.random.default_rng(0)
+    for _ in range(RESAMPLED_DRAWS):
+        yield rng.integers(0, rounds, rounds)
+
+
+def percentile_interval(values: list[float]) -> list[float]:
+    """The :data:`INTERVAL_PERCENTILES` of ``values``: the interval every bench reports."""
+    return [float(np.percentile(values, q)) for q in INTERVAL_PERCENTILES]
+
+
 def ratio_interval(numerators: list[float], denominators: list[float]) -> list[float]:
     """The 90 % interval of ``median(numerators) / median(denominators)`` under the rounds' own
-    spread: the rounds (a pair of timings each) drawn again with replacement, 1,000 times. On a
-    shared machine the ratio of two medians moves from run to run by as much as the
-    difference it is meant to show; the interval says by how much."""
+    spread (:func:`resampled_rounds`, a pair of timings a round). On a shared machine the ratio
+    of two medians moves from run to run by as much as the difference it is meant to show; the
+    interval says by how much."""
     top, bottom = np.array(numerators), np.array(denominators)
-    rng = np.random.default_rng(0)
-    ratios = []
-    for _ in range(1000):
-        drawn = rng.integers(0, len(top), len(top))
-        ratios.append(float(np.median(top[drawn]) / np.median(bottom[drawn])))
-    return [float(np.percentile(ratios, 5)), float(np.percentile(ratios, 95))]
+    return percentile_interval(
+        [
+            float(np.median(top[drawn]) / np.median(bottom[drawn]))
+            for drawn in resampled_rounds(len(top))
+        ]
+    )
 
 
 def _shared_prefix_workload(vocab_size: int) -> Trace:

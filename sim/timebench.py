@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from .bench import percentile_interval, resampled_rounds
 from .calibrate import Calibration, calibrate, calibration_toml, fit_prefill
 from .costs import CostModel
 from .timing import validation_errors
@@ -50,8 +51,6 @@ VALIDATION_TRACE = [
     *("--set", "question_tokens=48", "--set", "output_tokens=8"),
 ]
 MODELS = {"full": ("small-attention", "small-hybrid"), "quick": ("tiny-attention", "tiny-hybrid")}
-NOISE_DRAWS = 1000  # resampled rounds behind each interval
-NOISE_QUANTILES = (5, 95)  # the interval: a 90 % one
 MOONCAKE_SETUPS = {
     "8GiB": ["--budget", "8GiB"],
     "8GiB+1TiB disk": ["--budget", "8GiB", "--disk-budget", "1TiB"],
@@ -80,12 +79,11 @@ def noise_interval(
     calibration: Calibration,
     replays: list[list[float]],
     requests: list[dict[str, Any]],
-    draws: int = NOISE_DRAWS,
 ) -> dict[str, list[float]]:
     """The 90 % interval of each validation error that the machine's own noise allows.
 
     A round is the grid's timings and the replay timed after them; the rounds are drawn again
-    with replacement (``draws`` times), the prefill figures refitted to the drawn rounds'
+    with replacement (:func:`~kvtrie.sim.bench.resampled_rounds`), the prefill figures refitted to the drawn rounds'
     medians, and each request's estimate (its prefill at the refitted figures, its snapshot
     seconds as estimated) compared with the median of its seconds over the drawn replays.
     ``replays`` holds each replay's measured seconds by request; ``requests`` are the
@@ -94,10 +92,8 @@ def noise_interval(
     timings = np.array(calibration.timings)  # points x rounds
     measured = np.array(replays)  # rounds x requests
     rounds = measured.shape[0]
-    rng = np.random.default_rng(0)
     errors: dict[str, list[float]] = {key: [] for key in VALIDATION_TARGETS}
-    for _ in range(draws):
-        drawn = rng.integers(0, rounds, rounds)
+    for drawn in resampled_rounds(rounds):
         rows = [
             (cached, new, float(np.median(seconds[drawn])))
             for (cached, new, *_), seconds in zip(calibration.points, timings)
@@ -116,10 +112,7 @@ def noise_interval(
         validation = validation_errors(estimated, list(np.median(measured[drawn], axis=0)))
         for key, values in errors.items():
             values.append(validation[key])
-    return {
-        key: [float(np.percentile(values, q)) for q in NOISE_QUANTILES]
-        for key, values in errors.items()
-    }
+    return {key: percentile_interval(values) for key, values in errors.items()}
 
 
 def _validate(model: str, grid: str, trace: Path, folder: Path) -> dict[str, Any]:
