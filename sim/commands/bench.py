@@ -20,14 +20,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "eviction: seconds per eviction in two tries 10x apart in size (flat with the "
         "eviction index). "
         "mlx: on real MLX models, warm vs cold prefill, page-in vs recompute, the cache's "
-        "overhead with no shared prefixes, and tokens computed by kvtrie vs mlx-lm's own "
-        "prompt cache, all as ratios measured in one run. "
+        "overhead with no shared prefixes, tokens computed by kvtrie vs mlx-lm's own "
+        "prompt cache, and time to first token on a hit against mlx-lm's (target at most "
+        "1.1x), all as ratios measured in one run. "
         "crash: kill -9 a replay writing a disk store at random points, reopen the store and "
         "replay with every check on after each; counts wrong states, points over the disk "
         "budget and leaked files (all must be 0). "
         "time-model: calibrate small-attention and small-hybrid, replay a different "
         "workload on MLX and compare every request's estimated seconds with the measured "
-        "(targets: total within 5 %%, median 10 %%, p90 25 %%); then Mooncake's prefill hours "
+        "(targets: total within 5 %, median 10 %, p90 25 %); then Mooncake's prefill hours "
         "and TTFT with llama-8b-m4's figures, no cache, 8 GiB, 8 GiB + 1 TiB disk.",
     )
     bench.add_argument(
@@ -45,8 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--quick",
         action="store_true",
-        help="a short run: replay the first 1000 requests; mlx with tiny models "
-        "and 512-token prompts; crash on the agent trace, 5 points; time-model on tiny "
+        help="a short run: replay the first 1000 requests; mlx with tiny models, "
+        "512-token prompts and 3 rounds of 256-token hits; crash on the agent trace, 5 points; time-model on tiny "
         "models, the quick grid and 500 Mooncake requests",
     )
     bench.add_argument("--report", type=Path, help="write the JSON results here")
