@@ -60,7 +60,9 @@ def _print_mlx_bench(results: dict) -> None:
         f"warm_cold_ratio {results['warm_cold_ratio']:.1f} (ideal "
         f"{results['warm_cold_ideal']:.0f}), pagein_vs_recompute "
         f"{results['pagein_vs_recompute']:.1f}, overhead_zero_hit "
-        f"{results['overhead_zero_hit']:.3f}"
+        "{:.3f} (90 % interval under this machine's noise {:.3f}-{:.3f})".format(
+            results["overhead_zero_hit"], *results["overhead_zero_hit_interval"]
+        )
     )
     print(
         f"  hit time to first token ({results['hit_model']}, "
