@@ -4,7 +4,7 @@ not reproduce, is an error."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,8 +12,11 @@ from hypothesis.errors import FlakyStrategyDefinition
 
 from kvtrie.sim import fuzz as fuzz_module
 from kvtrie.sim import mutation
-from kvtrie.sim.fuzz import FuzzConfig
+from kvtrie.sim.fuzz import FuzzConfig, FuzzResult
 from kvtrie.sim.mutants import AREAS, MUTANTS
+from kvtrie.sim.traces import load_trace
+
+REGRESSIONS = Path(__file__).parent / "regressions"
 
 
 def configs(tmp_path: Path, examples: int = 30) -> dict[str, FuzzConfig]:
@@ -26,11 +29,24 @@ def test_every_area_has_mutants_and_every_mutant_an_area():
     assert all(m.bug for m in MUTANTS.values())
 
 
-@pytest.fixture(scope="module")
-def fuzzed(tmp_path_factory):
-    """One fuzz run of a mutant, shared: the tests below differ only in what the replay says."""
-    out = tmp_path_factory.mktemp("fuzzed")
-    return fuzz_module.run_fuzz(replace(configs(out)["fake"], mutant="lru-frontier-only"))
+@pytest.fixture
+def fuzzed(tmp_path):
+    """What a fuzz run sends back when it kills ``lru-frontier-only``: the failure and the
+    shrunk trace it saved (here the one committed for that mutant, copied as a run writes its
+    own). The tests below differ only in what the replay of that trace says; the loop that
+    finds and shrinks it is tests/test_fuzz.py's, run in a child process, where typeguard
+    does not slow it tenfold."""
+    (committed,) = REGRESSIONS.glob("lru-frontier-only-*.jsonl")
+    trace = tmp_path / committed.name
+    shutil.copy(committed, trace)
+    failure = mutation.replay_verdict(trace, "lru-frontier-only")
+    assert failure is not None
+    return FuzzResult(
+        FuzzConfig(mutant="lru-frontier-only", out_dir=tmp_path),
+        failure=failure,
+        regression_trace=str(trace),
+        shrunk_requests=len(load_trace(trace).requests),
+    )
 
 
 def test_a_fuzzer_kill_is_confirmed_by_replaying_its_trace(tmp_path, fuzzed, monkeypatch):
