@@ -33,10 +33,15 @@ def test_bench_mlx_quick_writes_the_four_figures(tmp_path):
     for key in ("hit_ttft_ratio", "overhead_zero_hit"):
         low, high = results[f"{key}_interval"]
         assert 0 < low <= high
-    # every timed turn is a hit: each cache reuses all but the turn's new tokens
-    cached = results["hit_cached_tokens"]
-    assert cached["mlxlm"] > 256 and cached["default"] >= cached["mlxlm"]
-    assert cached["unbounded"] >= cached["mlxlm"]
+    # every timed turn is a hit: each cache reuses all but the turn's new tokens, with or
+    # without a system prompt the two conversations share
+    shared = results["hit_shared_prefix"]
+    assert results["hit_shared_tokens"] == 0 and shared["hit_shared_tokens"] == 192
+    for hit in (results, shared):
+        cached = hit["hit_cached_tokens"]
+        assert cached["mlxlm"] > 256 and cached["default"] >= cached["mlxlm"]
+        assert cached["unbounded"] >= cached["mlxlm"]
+        assert 0 < hit["hit_ttft_ratio_interval"][0] <= hit["hit_ttft_ratio_interval"][1]
     rows = results["computed_tokens"]
     assert {row["model"] for row in rows} == {"tiny-attention", "tiny-hybrid"}
     for row in rows:

@@ -94,7 +94,7 @@ def test_shared_buffers_match_a_fresh_prefill(backend, budget, monkeypatch):
     assert shared or budget is not None or backend.model_name == "tiny-swa"
 
 
-def test_a_snapshot_of_a_nearly_full_buffer_shares_it_and_never_changes():
+def test_a_shared_snapshot_never_changes_whatever_the_live_layer_writes():
     backend = MLXBackend.from_name("tiny-attention")
     layers = backend.new_layers()
     backend.evaluate(layers, np.arange(1, 251))  # 250 of a 256-position buffer
@@ -135,19 +135,30 @@ def test_failed_restore_recomputes(backend):
     assert rig.run(S + [4]).account.cached_tokens == 20
 
 
-def test_snapshots_are_copies_not_views_of_the_live_buffer():
+def test_a_snapshot_of_a_buffer_a_rewind_left_far_larger_is_a_copy():
     backend = MLXBackend.from_name("tiny-attention")
     layers = backend.new_layers()
-    backend.evaluate(layers, np.arange(1, 11))
+    backend.evaluate(layers, np.arange(1, 601))  # a 768-position buffer
+    for layer in layers:
+        assert layer.restore(None, 10) or layer.kind is not LayerKind.KV  # cut back to 10
     kv = layers[0]
     expected = np.array(kv.cache.keys[..., :10, :])
     snap = kv.snapshot(0)
+    assert not snap.buffers
     assert snap.nbytes == expected.nbytes * 2  # keys and values of 10 positions, no more
     for layer in layers:
         layer.restore(None, 5)
     backend.evaluate(layers, np.arange(100, 110))  # writes over positions 5..9
     assert kv.restore(snap, 10)
     assert np.array_equal(np.array(kv.cache.keys[..., :10, :]), expected)
+
+
+def test_a_short_snapshot_from_position_0_shares_its_buffer_within_one_growth_step():
+    backend = MLXBackend.from_name("tiny-attention")
+    layers = backend.new_layers()
+    backend.evaluate(layers, np.arange(1, 11))  # 10 positions of a 256-position buffer
+    snap = layers[0].snapshot(0)
+    assert snap.buffers and snap.nbytes == layers[0].cache.nbytes  # held and counted whole
 
 
 def test_sliding_window_restored_past_its_edge():

@@ -124,22 +124,23 @@ class MLXKVLayer(RangeSnapshots, _Adapter):
     mlx_type = KVCache
 
     def snapshot(self, from_offset: int) -> Snapshot | None:
-        """A copy of ``[from_offset, offset)``, or, from position 0 when the live buffer holds
-        at most an eighth more than that, a view of the buffer itself, counted whole.
+        """A copy of ``[from_offset, offset)``, or, from position 0, a view of the live buffer
+        itself, counted whole, when the buffer holds at most one of mlx-lm's growth steps
+        (``KVCache.step``, 256 positions) or an eighth beyond the range, whichever is more.
 
         Sharing skips the copy a switch makes of the conversation it leaves (mlx-lm's own
-        cache stores the finished request's buffer the same way), and a restore hands the
-        buffer back whole (see :meth:`_load`). MLX arrays are values: a later write to the
-        live layer, while the snapshot shares its buffer, copies the buffer first (copy on
-        write), so the snapshot never changes; the eighth bounds the bytes that sharing
-        holds beyond the range (mlx-lm grows a buffer 256 positions at a time, so it is
-        shared from 2,048 positions on, or when nearly full)."""
+        cache stores the finished request's buffer the same way, and counts it whole too),
+        and a restore hands the buffer back whole (see :meth:`_load`). MLX arrays are values:
+        a later write to the live layer, while the snapshot shares its buffer, copies the
+        buffer first (copy on write), so the snapshot never changes. The bound keeps a
+        buffer that a rewind left far larger than its range (a restore of 2,000 positions cut
+        back to 100) from being held for a few positions; it is copied instead."""
         cache = self.cache
         if cache.keys is None or cache.offset <= from_offset:
             return None
         start, end = max(0, from_offset), cache.offset
         capacity = cache.keys.shape[2]
-        if start == 0 and 8 * (capacity - end) <= end:
+        if start == 0 and capacity - end <= max(end // 8, cache.step):
             # new array objects over the same data: mlx-lm updates its own in place
             buffers = (cache.keys[..., :capacity, :], cache.values[..., :capacity, :])
             views = (cache.keys[..., :end, :], cache.values[..., :end, :])

@@ -64,18 +64,20 @@ def _print_mlx_bench(results: dict) -> None:
             results["overhead_zero_hit"], *results["overhead_zero_hit_interval"]
         )
     )
-    print(
-        f"  hit time to first token ({results['hit_model']}, "
-        f"{results['hit_cached_tokens']['mlxlm']:,} cached, median of "
-        f"{results['hit_turns']} turns): kvtrie {results['hit_ttft_kvtrie_seconds'] * 1000:.1f} "
-        f"ms, mlx-lm {results['hit_ttft_mlxlm_seconds'] * 1000:.1f} ms (ratio "
-        f"{results['hit_ttft_ratio']:.2f}, 90 % interval under this machine's noise "
-        "{:.2f}-{:.2f}); kvtrie unbounded {:.1f} ms (ratio {:.2f})".format(
-            *results["hit_ttft_ratio_interval"],
-            results["hit_ttft_kvtrie_unbounded_seconds"] * 1000,
-            results["hit_ttft_ratio_unbounded"],
+    for hit in (results, results["hit_shared_prefix"]):
+        shared = f", {hit['hit_shared_tokens']:,} shared" if hit["hit_shared_tokens"] else ""
+        print(
+            f"  hit time to first token ({hit['hit_model']}, "
+            f"{hit['hit_cached_tokens']['mlxlm']:,} cached{shared}, median of "
+            f"{hit['hit_turns']} turns): kvtrie {hit['hit_ttft_kvtrie_seconds'] * 1000:.1f} "
+            f"ms, mlx-lm {hit['hit_ttft_mlxlm_seconds'] * 1000:.1f} ms (ratio "
+            f"{hit['hit_ttft_ratio']:.2f}, 90 % interval under this machine's noise "
+            "{:.2f}-{:.2f}); kvtrie unbounded {:.1f} ms (ratio {:.2f})".format(
+                *hit["hit_ttft_ratio_interval"],
+                hit["hit_ttft_kvtrie_unbounded_seconds"] * 1000,
+                hit["hit_ttft_ratio_unbounded"],
+            )
         )
-    )
     print(
         f"  page-in from the disk tier ({results['disk_pagein_bytes']:,} B in files): "
         f"{results['disk_pagein_seconds'] * 1000:.1f} ms, "
