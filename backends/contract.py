@@ -137,6 +137,24 @@ class LayerContract:
         assert self.equal(self.state(recurrent), expected)
         assert recurrent.split(snap, 3) == (None, snap)
 
+    def test_a_compacted_snapshot_restores_the_same_state_in_no_more_bytes(self) -> None:
+        for kind, tokens in (
+            (LayerKind.KV, np.arange(1, 11)),
+            (LayerKind.ROTATING, np.arange(1, 20)),
+            (LayerKind.RECURRENT, np.arange(1, 6)),
+        ):
+            backend, layers, layer = self._evaluated(kind, tokens)
+            expected = self.state(layer)
+            snap = layer.snapshot(0)
+            held, bounds = snap.nbytes, (snap.start, snap.end)
+            assert 0 <= snap.copied_nbytes <= held
+            compact = layer.compact(snap)
+            assert (compact.start, compact.end) == bounds
+            assert 0 < compact.nbytes <= held and compact.copied_nbytes == compact.nbytes
+            backend.evaluate(layers, np.arange(100, 104))  # the live layer moves on
+            layer.free()
+            assert layer.restore(compact, bounds[1]) and self.equal(self.state(layer), expected)
+
     def test_injected_restore_failure_fails_once(self) -> None:
         backend, _, kv = self._evaluated(LayerKind.KV, np.arange(1, 6))
         snap = kv.snapshot(0)

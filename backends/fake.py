@@ -176,6 +176,10 @@ class _FakeLayer(CheckedRestore):
         self.faults = faults
         self.ledger = ledger
 
+    def compact(self, snapshot: Snapshot) -> Snapshot:
+        """A fake snapshot holds its own data only: already compact."""
+        return snapshot
+
 
 class FakeKVCache(RangeSnapshots, _FakeLayer):
     """Attention: one value per position; rewinds by trimming."""

@@ -66,7 +66,8 @@ class CacheStats:
     computed_tokens: int = 0
     page_ins: int = 0
     page_in_bytes: int = 0  # snapshot bytes copied back into the live layers
-    page_out_bytes: int = 0  # snapshot bytes copied out of them (kept or, not fitting, dropped)
+    page_out_bytes: int = 0  # snapshot bytes copied out of them (kept or, not fitting, dropped;
+    # one that shares the live buffer copies none)
     page_outs: int = 0
     splits: int = 0
     merges: int = 0
@@ -594,7 +595,16 @@ class PrefixCache:
                     f"snapshot of [{node.start}, {node.end}) but layer {index} is at {layer.offset}"
                 )
         snapshots = [layer.snapshot(node.start) for layer in self.layers]
-        self.stats.page_out_bytes += _nbytes(snapshots)
+        if self.ram_limit is not None and (
+            self.ledger.total - node.ram_bytes + _nbytes(snapshots) > self.ram_limit
+        ):
+            # A snapshot may share the live buffer, counted whole, to spare a copy; under
+            # pressure it is copied out instead, so the budget holds data, not spare room.
+            snapshots = [
+                None if snap is None else layer.compact(snap)
+                for layer, snap in zip(self.layers, snapshots)
+            ]
+        self.stats.page_out_bytes += sum(s.copied_nbytes for s in snapshots if s is not None)
         return snapshots
 
     def _attach(self, node: Node, snapshots: list[Snapshot | None], protected: dict[int, Node]) -> bool:

@@ -44,6 +44,12 @@ class Snapshot(Protocol):
         """Bytes this snapshot keeps paged out; the budget counts these."""
         ...
 
+    @property
+    def copied_nbytes(self) -> int:
+        """Bytes copied out of the live cache to take it: ``nbytes``, or 0 for one that shares
+        the live buffer (the time model charges a page-out these)."""
+        ...
+
     def close(self) -> None:
         """Release the data. Using a closed snapshot is a bug."""
         ...
@@ -68,6 +74,10 @@ class SnapshotBounds:
 
     @property
     def nbytes(self) -> int:
+        return self._nbytes
+
+    @property
+    def copied_nbytes(self) -> int:
         return self._nbytes
 
 
@@ -117,6 +127,12 @@ class LayerCache(Protocol):
 
     def merge(self, parent: Snapshot | None, child: Snapshot | None) -> Snapshot | None:
         """Join ``[a, b)`` and ``[b, c)`` into ``[a, c)``; takes ownership of both inputs."""
+        ...
+
+    def compact(self, snapshot: Snapshot) -> Snapshot:
+        """The same state in the bytes its own data needs; takes ownership of the input. A
+        snapshot that shares the live buffer counts all of it, so under a tight budget the
+        core asks for its data copied out; every other snapshot comes back as it is."""
         ...
 
     def free(self) -> None:

@@ -302,6 +302,13 @@ def _mlx_snapshot_aliases_live_buffer(adapters: Any) -> list:
     return [(adapters.MLXKVLayer, "snapshot", snapshot)]
 
 
+def _mlx_compact_keeps_buffer(adapters: Any) -> list:
+    def compact(self, snapshot):
+        return snapshot  # still the shared buffer, counted whole, under any budget
+
+    return [(adapters.MLXKVLayer, "compact", compact)]
+
+
 def _mlx_restore_aliases_snapshot(adapters: Any) -> list:
     original = adapters.MLXKVLayer._load
 
@@ -592,6 +599,13 @@ MUTANTS: dict[str, Mutant] = {
             "an mlx attention restore from position 0 hands the live layer the snapshot's own "
             "array objects, which mlx-lm writes into in place",
             _mlx_patches(_mlx_restore_aliases_snapshot),
+            area="mlx",
+        ),
+        Mutant(
+            "mlx-kv-compact-keeps-buffer",
+            "a compacted mlx attention snapshot still shares the live buffer, so a tight "
+            "budget counts the buffer's spare room",
+            _mlx_patches(_mlx_compact_keeps_buffer),
             area="mlx",
         ),
         Mutant(

@@ -157,8 +157,31 @@ def test_a_short_snapshot_from_position_0_shares_its_buffer_within_one_growth_st
     backend = MLXBackend.from_name("tiny-attention")
     layers = backend.new_layers()
     backend.evaluate(layers, np.arange(1, 11))  # 10 positions of a 256-position buffer
-    snap = layers[0].snapshot(0)
-    assert snap.buffers and snap.nbytes == layers[0].cache.nbytes  # held and counted whole
+    kv = layers[0]
+    snap = kv.snapshot(0)
+    assert snap.buffers and snap.nbytes == kv.cache.nbytes  # held and counted whole
+    assert snap.copied_nbytes == 0
+    compact = kv.compact(snap)  # what a tight budget asks for: the 10 positions alone
+    assert snap.is_closed and not compact.buffers
+    assert compact.nbytes == compact.copied_nbytes == 2 * kv.cache.keys[..., :10, :].nbytes
+
+
+def test_under_pressure_a_page_out_holds_its_data_not_the_buffer_it_shares():
+    backend = MLXBackend.from_name("tiny-attention")
+    layers = backend.new_layers()
+    backend.evaluate(layers, np.asarray(S + [1]))
+    shared = [layer.snapshot(0) for layer in layers]
+    whole = sum(s.nbytes for s in shared)
+    data = sum(layer.compact(s).nbytes for layer, s in zip(layers, shared))
+    assert whole > 4 * data  # 21 positions of 256
+    for budget, held in ((None, whole), (2 * data, data)):
+        rig = MLXRig(backend, budget=budget)
+        rig.run(S + [1], outputs=0)
+        rig.run([400, 401])  # leaves it: its page-out shares the buffer or, tight, copies
+        assert rig.cache.stats.snapshots_skipped == 0
+        assert rig.cache.stats.page_out_bytes == (0 if budget is None else data)
+        assert rig.cache.ledger.total >= held
+        assert rig.run(S + [1, 2]).account.cached_tokens == len(S) + 1
 
 
 def test_sliding_window_restored_past_its_edge():

@@ -76,6 +76,10 @@ class MLXSnapshot:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.buffers or _leaves(self.arrays)))
 
+    @property
+    def copied_nbytes(self) -> int:
+        return 0 if self.buffers else self.nbytes
+
     def close(self) -> None:
         self.arrays = self.buffers = ()
         self.is_closed = True
@@ -97,6 +101,10 @@ class _Adapter(CheckedRestore):
         return self.cache.nbytes
 
     mlx_type: type = object  # the mlx-lm cache class this adapter wraps (each kind sets it)
+
+    def compact(self, snapshot: Snapshot) -> Snapshot:
+        """Only an attention snapshot shares the live buffer; every other is its own copy."""
+        return snapshot
 
     # mlx-lm moves this cache's offset itself as the model evaluates tokens
     counts_itself = True
@@ -148,6 +156,16 @@ class MLXKVLayer(RangeSnapshots, _Adapter):
         keys = _copy(cache.keys[..., start:end, :])
         values = _copy(cache.values[..., start:end, :])
         return MLXSnapshot((keys, values), start, end)
+
+    def compact(self, snapshot: Snapshot) -> Snapshot:
+        """A shared snapshot's range copied out of the buffer it shares, which it lets go."""
+        assert isinstance(snapshot, MLXSnapshot) and not snapshot.is_closed
+        if not snapshot.buffers:
+            return snapshot
+        keys, values = snapshot.arrays
+        compacted = MLXSnapshot((_copy(keys), _copy(values)), snapshot.start, snapshot.end)
+        snapshot.close()
+        return compacted
 
     def can_restore(self, snapshot: Snapshot | None, target: int) -> bool:
         if snapshot is None:
