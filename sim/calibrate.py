@@ -193,14 +193,14 @@ def calibrate(
     end = max(contexts)
     restored(layers, prefixes[end], end)
 
-    def taken() -> list[Any]:
+    def copies() -> list[Any]:
         return [layer.snapshot(1) for layer in layers]  # a snapshot evaluates its copy
 
-    tails = taken()
+    tails = copies()
     nbytes = sum(s.nbytes for s in tails if s is not None)
 
     def page_out() -> None:
-        for snapshot in taken():
+        for snapshot in copies():
             if snapshot is not None:
                 snapshot.close()
 
@@ -213,7 +213,7 @@ def calibrate(
 
     page_out_seconds = median_seconds(page_out, 4 * repeats)
     page_in_seconds = median_seconds(page_in, 4 * repeats)
-    write_seconds, read_seconds = _disk_seconds(backend, taken, disk_dir, 2 * repeats)
+    write_seconds, read_seconds = _disk_seconds(backend, copies, disk_dir, 2 * repeats)
     for snapshot in tails:
         if snapshot is not None:
             snapshot.close()
