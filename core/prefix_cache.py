@@ -425,6 +425,7 @@ class PrefixCache:
             if not layer.restore(None, ancestor_end):
                 layer.free()
 
+        read_from_disk: list[Node] = []
         for node in new_path:
             if not node.snapshots or all(layer.offset >= node.end for layer in self.layers):
                 continue  # nothing to restore (live already): a disk-tier one is not even read
@@ -442,7 +443,7 @@ class PrefixCache:
                 self.stats.page_ins += 1
                 if node.on_disk:
                     self.stats.disk_page_ins += 1
-                    self.stats.disk_hit_tokens += node.end - max(node.start, ancestor_end)
+                    read_from_disk.append(node)
                 log.debug("page in [%d, %d) disk=%s", node.start, node.end, node.on_disk)
 
         self.active_path = list(new_path)
@@ -455,6 +456,11 @@ class PrefixCache:
                 return
         while self.active_path[-1].end > aligned:
             self.active_path.pop()
+        # the tokens the disk tier served: those of the nodes read that the live layers reach
+        self.stats.disk_hit_tokens += sum(
+            max(0, min(node.end, aligned) - max(node.start, ancestor_end))
+            for node in read_from_disk
+        )
         self.release_live_path()
 
     def _readable(
@@ -481,15 +487,28 @@ class PrefixCache:
     def _page_in(self, node: Node, snapshots: list[Snapshot | None]) -> bool | None:
         """Restore the layers that are not yet past ``node``'s end from its ``snapshots``:
         True when done, None (nothing changed) when a layer can't take them, False when a
-        restore failed (the caller falls back to the root)."""
-        if not all(
-            snap is None or layer.offset >= node.end or layer.can_restore(snap, node.end)
-            for layer, snap in zip(self.layers, snapshots)
-        ):
+        restore failed (the caller falls back to the root).
+
+        When the node holds no state for a layer still short of its end (a split's parent
+        holds no whole state; a merge across a gap keeps the child's whole state and no
+        range), only its attention ranges are restored: a whole state restored past a layer
+        left behind could never come back to it, and the live layers would not line up (a
+        deeper node may still serve them all)."""
+        behind = any(
+            snap is None and layer.offset < node.end for layer, snap in zip(self.layers, snapshots)
+        )
+        restoring = [
+            index
+            for index, (layer, snap) in enumerate(zip(self.layers, snapshots))
+            if snap is not None
+            and layer.offset < node.end
+            and (not behind or layer.kind is LayerKind.KV)
+        ]
+        if not all(self.layers[i].can_restore(snapshots[i], node.end) for i in restoring):
             return None
-        for index, (layer, snap) in enumerate(zip(self.layers, snapshots)):
-            if snap is None or layer.offset >= node.end:
-                continue
+        for index in restoring:
+            layer, snap = self.layers[index], snapshots[index]
+            assert snap is not None
             nbytes = snap.nbytes
             if not layer.restore(snap, node.end):
                 log.warning(

@@ -4,6 +4,7 @@ oracle), are evicted from it in LRU order, and each tier stays within its own bu
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from child import kvtrie
@@ -304,3 +305,18 @@ def test_a_bad_cost_in_a_trace_header_is_exit_2_naming_file_line_and_key(tmp_pat
     err = capsys.readouterr().err
     assert f"{trace}:1: header cost" in err and "disk_read_bytes_per_second must be > 0" in err
     assert err.count("\n") == 1
+
+
+def test_a_disk_node_the_live_layers_cannot_line_up_with_is_a_miss_not_a_failure(tmp_path):
+    """Found by the nightly MLX fuzz: after failed writes and a merge across a gap, a disk-tier
+    node of tiny-hybrid held its recurrent states and no attention range; restoring those
+    states ran them past the attention layers, which then could not line up (a restore
+    failure nobody injected, I11), and its tokens were counted as served from disk."""
+    trace = Path(__file__).parent / "regressions" / "mlx-34529a05ae.jsonl"
+    report = tmp_path / "report.json"
+    assert main(["replay", str(trace), "-q", "--report", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["restore_failures"] == 0
+    disk = result["disk_tier"]
+    assert disk["page_ins"] == 1 and disk["hit_tokens"] <= result["cached_tokens"]
+    assert disk["ram_hit_tokens"] >= 0
