@@ -498,17 +498,15 @@ class PrefixCache:
             snap is None and layer.offset < node.end for layer, snap in zip(self.layers, snapshots)
         )
         restoring = [
-            index
+            (index, layer, snap)
             for index, (layer, snap) in enumerate(zip(self.layers, snapshots))
             if snap is not None
             and layer.offset < node.end
             and (not behind or layer.kind is LayerKind.KV)
         ]
-        if not all(self.layers[i].can_restore(snapshots[i], node.end) for i in restoring):
+        if not all(layer.can_restore(snap, node.end) for _, layer, snap in restoring):
             return None
-        for index in restoring:
-            layer, snap = self.layers[index], snapshots[index]
-            assert snap is not None
+        for index, layer, snap in restoring:
             nbytes = snap.nbytes
             if not layer.restore(snap, node.end):
                 log.warning(

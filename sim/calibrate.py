@@ -149,13 +149,17 @@ def calibrate(
     def tokens(count: int) -> np.ndarray:
         return rng.integers(5, backend.vocab_size, count).astype(np.int32)
 
+    def evaluated(layers: list[Any]) -> None:
+        """The live layers' pending copies done, so that a timing holds them."""
+        mx.eval(*[a for layer in layers for a in arrays_of(layer.cache)])
+
     def restored(layers: list[Any], snapshots: list[Any], end: int) -> None:
         """``layers`` freed and given ``snapshots`` of ``end`` tokens back, evaluated."""
         for layer, snapshot in zip(layers, snapshots):
             layer.free()
             if snapshot is not None:
                 layer.restore(snapshot, end)
-        mx.eval(*[a for layer in layers for a in arrays_of(layer.cache)])
+        evaluated(layers)
 
     backend.evaluate(backend.new_layers(), tokens(8))  # the first call compiles
     prefixes = {}  # context -> its snapshots, evaluated once
@@ -209,7 +213,7 @@ def calibrate(
             if snapshot is not None:
                 layer.restore(None, 1)  # attention rewinds; other kinds load a whole state
                 assert layer.restore(snapshot, end), "calibrate: a page-in was refused"
-        mx.eval(*[a for layer in layers for a in arrays_of(layer.cache)])
+        evaluated(layers)
 
     page_out_seconds = median_seconds(page_out, 4 * repeats)
     page_in_seconds = median_seconds(page_in, 4 * repeats)

@@ -83,9 +83,10 @@ def noise_interval(
     """The 90 % interval of each validation error that the machine's own noise allows.
 
     A round is the grid's timings and the replay timed after them; the rounds are drawn again
-    with replacement (:func:`~kvtrie.sim.bench.resampled_rounds`), the prefill figures refitted to the drawn rounds'
-    medians, and each request's estimate (its prefill at the refitted figures, its snapshot
-    seconds as estimated) compared with the median of its seconds over the drawn replays.
+    with replacement (:func:`~kvtrie.sim.bench.resampled_rounds`), the prefill figures
+    refitted to the drawn rounds' medians, and each request's estimate (its prefill at the
+    refitted figures, its snapshot seconds as estimated) compared with the median of its
+    seconds over the drawn replays.
     ``replays`` holds each replay's measured seconds by request; ``requests`` are the
     estimating replay's per-request figures (``cached_tokens``, ``computed_tokens``,
     ``snapshot_s``). With one round, every interval is the point itself."""

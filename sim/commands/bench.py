@@ -47,8 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--quick",
         action="store_true",
         help="a short run: replay the first 1000 requests; mlx with tiny models, "
-        "512-token prompts and 3 rounds of 256-token hits; crash on the agent trace, 5 points; time-model on tiny "
-        "models, the quick grid and 500 Mooncake requests",
+        "512-token prompts and 3 rounds of 256-token hits; crash on the agent trace, "
+        "5 points; time-model on tiny models, the quick grid and 500 Mooncake requests",
     )
     bench.add_argument("--report", type=Path, help="write the JSON results here")
     bench.set_defaults(func=run)
